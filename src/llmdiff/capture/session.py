@@ -1,0 +1,446 @@
+"""A capture session: the only place where global state (hooks, the active run) goes in and out.
+
+``Capture`` registers forward pre/post hooks on the modules it selects and removes exactly those on
+``stop``. Hooks never return a value, so they cannot replace what a module receives or returns, and
+every tensor is copied (or reduced to statistics) when its hook fires, so later in-place ops do not
+change what was recorded.
+
+A *step* is one call of the outermost hooked module (for ``generate``: step 0 is the prefill, step
+k the k-th decode), unless the user marks steps with :meth:`Capture.step`. With ``model=None`` the
+session finds models by itself: a global pre-hook attaches to every module called outside any other
+(this is how ``llmdiff run`` works without code changes).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import warnings
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from llmdiff.capture.flatten import flatten
+from llmdiff.capture.stats import content_hash, tensor_stats
+from llmdiff.config import CaptureConfig, make_config
+from llmdiff.errors import LlmdiffError
+from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, Entry, StepRecord
+from llmdiff.store.writer import DumpWriter
+
+_active: list[Capture] = []
+
+
+class LlmdiffWarning(UserWarning):
+    """Something the user should know about a capture that is not an error (e.g. hooks never fired)."""
+
+
+def active_capture() -> Capture | None:
+    """The innermost started capture of this process, if any."""
+    return _active[-1] if _active else None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that decide what a model computes."""
+    from llmdiff import __version__
+
+    transformers = sys.modules.get("transformers")
+    return {
+        "llmdiff": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": getattr(transformers, "__version__", None),
+    }
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _distributed_rank() -> int | None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else None
+
+
+def prepare_run_dir(run_dir: Path, argv: list[str], config: CaptureConfig) -> None:
+    """Create a new run folder with its ``run.json``; refuse to reuse a non-empty one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LlmdiffError(f"run dir {run_dir} exists and is not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise LlmdiffError(f"run dir {run_dir} already exists and is not empty; choose a new one "
+                           "(nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(run_dir / RUN_FILE, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(), "end": None,
+        "argv": argv, "cwd": os.getcwd(), "host": platform.node(), "versions": versions(),
+        "config": config.to_json(),
+    })
+
+
+def finish_run_dir(run_dir: Path, **extra: Any) -> None:
+    """Stamp the end time (and e.g. an exit code) into ``run.json``."""
+    path = run_dir / RUN_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    data.update(end=_now(), **extra)
+    _write_json_atomic(path, data)
+
+
+class Capture:
+    """Capture intermediate tensors of ``model`` (or of every model, with ``model=None``) into ``run_dir``.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. See :func:`llmdiff.capture`.
+    """
+
+    def __init__(self, model: nn.Module | None, run_dir: str | os.PathLike[str], config: CaptureConfig | None = None,
+                 *, auto_step: bool = True, owns_run_dir: bool = True) -> None:
+        self.model = model
+        self.run_dir = Path(run_dir)
+        self.config = config or make_config()
+        self.auto_step = auto_step
+        self.owns_run_dir = owns_run_dir
+        self.folder: Path | None = None
+        self.rank: int | None = None
+        self.current_step = 0
+        self.steps_done = 0
+        self.entries = 0
+        self.calls_seen = 0
+        self._started = False
+        self._handles: list[RemovableHandle] = []
+        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._models: list[dict[str, str]] = []
+        self._writer: DumpWriter | None = None
+        self._start_time = ""
+        self._calls: dict[str, int] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, Entry]] = {}
+        self._token_ids: list[Any] | None = None
+        self._step_entries = 0
+        self._depth = 0
+        self._open_calls: dict[int, list[int]] = {}
+        self._kwargs_pending: set[int] = set()
+        self._seq = 0
+        self._graph_capture_seen = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def __enter__(self) -> Capture:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Capture:
+        """Register the hooks. Creates the run folder (which must be new or empty) when this session owns it."""
+        if self._started:
+            return self
+        if self.owns_run_dir and not self._joins_distributed_run():
+            prepare_run_dir(self.run_dir, list(sys.argv), self.config)
+        self._start_time = _now()
+        if self.model is not None:
+            if hasattr(self.model, "_orig_mod"):
+                warnings.warn("llmdiff: this model is wrapped by torch.compile; module hooks do not fire inside "
+                              "compiled code. Capture the eager model (model._orig_mod) instead.",
+                              LlmdiffWarning, stacklevel=3)
+            self._attach(self.model)
+        else:
+            self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._discover))
+        self._started = True
+        _active.append(self)
+        return self
+
+    def stop(self) -> None:
+        """Remove every hook this session added, finish the open step (manual stepping) and drain the writer."""
+        if not self._started:
+            return
+        self._started = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self in _active:
+            _active.remove(self)
+        if not self.auto_step and self._step_entries:
+            self._end_step()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            if self.folder is not None:
+                self._write_process_file(end=_now())
+            if self.owns_run_dir and self.run_dir.joinpath(RUN_FILE).exists() and self.rank in (None, 0):
+                finish_run_dir(self.run_dir)
+        if self.calls_seen == 0:
+            warnings.warn("llmdiff: no forward call of a captured module was seen. If the model ran under "
+                          "torch.compile or CUDA graphs, hooks do not fire there: run it eagerly to capture.",
+                          LlmdiffWarning, stacklevel=2)
+        if self._graph_capture_seen:
+            warnings.warn("llmdiff: tensors produced during CUDA graph capture were skipped; replays are not "
+                          "visible to hooks. Run eagerly (e.g. --enforce-eager) to capture them.",
+                          LlmdiffWarning, stacklevel=2)
+
+    def step(self) -> None:
+        """End the current step and start the next. Calling it switches this session to manual stepping."""
+        self.auto_step = False
+        self._end_step()
+
+    def save(self, tensor: torch.Tensor, name: str) -> None:
+        """Record one tensor under ``name`` in the current step (like msProbe's ``save``)."""
+        if not isinstance(tensor, torch.Tensor):
+            raise LlmdiffError(f"save({name!r}): expected a tensor, got {type(tensor).__name__}")
+        if not self._step_selected():
+            return
+        call = self._calls[name] = self._calls.get(name, -1) + 1
+        self._record(name, "save", call, "save", "", tensor)
+
+    @property
+    def bytes_written(self) -> int:
+        return 0 if self._writer is None else self._writer.bytes_written
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def _attach(self, root: nn.Module) -> None:
+        cfg = self.config
+        param = next(root.parameters(), None)
+        self._models.append({
+            "class": type(root).__name__,
+            "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "",
+            "device": str(param.device) if param is not None else "",
+        })
+        for name, module in root.named_modules():
+            if module in self._names:
+                continue
+            self._names[module] = name
+            if module is root or cfg.selects_module(name, type(module).__name__):
+                self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+
+    def _discover(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        # Global pre-hook (model=None): the first outermost call of a module attaches its whole tree.
+        # Its own new hooks fire from the next call on, so this call's entry is handled here; its
+        # keyword arguments are not visible to a global pre-hook and are recorded at exit instead.
+        if self._depth == 0 and module not in self._names:
+            self._attach(module)
+            self._kwargs_pending.add(id(module))
+            self._pre(module, args, {})
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls_seen += 1
+        if self._depth == 0 and self.auto_step:
+            self._begin_step(args, kwargs)
+        self._depth += 1
+        name = self._names.get(module, type(module).__name__)
+        call = self._calls[name] = self._calls.get(name, -1) + 1
+        self._open_calls.setdefault(id(module), []).append(call)
+        if "input" in self.config.parts and self._selected(module, name, call):
+            for path, tensor in flatten(args):
+                self._record(name, type(module).__name__, call, "input", path, tensor)
+            for path, tensor in flatten(kwargs):
+                self._record(name, type(module).__name__, call, "kwarg", path, tensor)
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        stack = self._open_calls.get(id(module))
+        if not stack:  # hooks attached while this call was already running
+            return
+        call = stack.pop()
+        self._depth -= 1
+        name = self._names.get(module, type(module).__name__)
+        if id(module) in self._kwargs_pending:
+            self._kwargs_pending.discard(id(module))
+            if self._depth == 0 and self.auto_step and self._token_ids is None:
+                self._token_ids = _token_ids(args, kwargs)
+            if "input" in self.config.parts and self._selected(module, name, call):
+                for path, tensor in flatten(kwargs):
+                    self._record(name, type(module).__name__, call, "kwarg", path, tensor)
+        if "output" in self.config.parts and self._selected(module, name, call):
+            for path, tensor in flatten(output):
+                self._record(name, type(module).__name__, call, "output", path, tensor)
+        if self._depth == 0 and self.auto_step:
+            self._end_step()
+
+    def _selected(self, module: nn.Module, name: str, call: int) -> bool:
+        cfg = self.config
+        return (self._step_selected() and cfg.selects_module(name, type(module).__name__)
+                and cfg.selects_call(name, call))
+
+    def _step_selected(self) -> bool:
+        ranks = self.config.ranks
+        return self.current_step in self.config.steps and (ranks is None or self._rank() in ranks)
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def _reset_step_state(self) -> None:
+        self._calls = {}
+        self._seen = {}
+        self._token_ids = None
+        self._step_entries = 0
+
+    def _begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._reset_step_state()
+        self._token_ids = _token_ids(args, kwargs)
+
+    def _end_step(self) -> None:
+        if self._step_selected() and (self._step_entries or self._writer is not None):
+            self._ensure_writer().end_step(
+                StepRecord(self._rank(), self.current_step, self._token_ids, self._step_entries))
+            self.steps_done += 1
+        self.current_step += 1
+        self._reset_step_state()
+
+    # -- recording --------------------------------------------------------------------------------------
+    def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor) -> None:
+        cfg = self.config
+        device = str(tensor.device)
+        if not cfg.selects_device(device):
+            return
+        if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._graph_capture_seen = True
+            return
+        entry = Entry(seq=self._seq, rank=self._rank(), step=self.current_step, module=module, type=type_name,
+                      call=call, part=part, path=path, shape=list(tensor.shape),
+                      dtype=str(tensor.dtype).removeprefix("torch."), device=device, stats=None)
+        self._seq += 1
+        self._step_entries += 1
+        self.entries += 1
+        writer = self._ensure_writer()
+        if tensor.layout != torch.strided or tensor.device.type == "meta":
+            entry.note = f"not recorded: {tensor.layout} tensor on {device}"
+            writer.add(entry)
+            return
+        seen = self._seen.get(id(tensor))
+        if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
+            writer.add(entry, same_as=seen[2].seq)  # same tensor object, unchanged: store it once
+            return
+        self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version, entry)
+        too_big = cfg.max_tensor_size is not None and tensor.numel() > cfg.max_tensor_size
+        if cfg.mode == "stats" or too_big:
+            entry.stats = tensor_stats(tensor)
+            if cfg.hash:
+                entry.stats["hash"] = content_hash(tensor)
+            if too_big and cfg.mode == "tensor":
+                entry.note = f"stats only: {tensor.numel()} elements > max_tensor_size {cfg.max_tensor_size}"
+            writer.add(entry)
+        else:
+            writer.add(entry, tensor.detach().clone(), prepare=self._prepare)
+
+    def _prepare(self, entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
+        # Runs in the writer thread: statistics on the tensor's own device, then one copy to the CPU.
+        entry.stats = tensor_stats(tensor)
+        if self.config.hash:
+            entry.stats["hash"] = content_hash(tensor)
+        return tensor.to("cpu")
+
+    # -- the process folder ------------------------------------------------------------------------------
+    def _rank(self) -> int:
+        if self.rank is None:
+            dist_rank = _distributed_rank()
+            return 0 if dist_rank is None else dist_rank
+        return self.rank
+
+    def _joins_distributed_run(self) -> bool:
+        return _distributed_rank() is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+    def _ensure_writer(self) -> DumpWriter:
+        if self._writer is None:
+            self.folder, self.rank = _claim_process_folder(self.run_dir)
+            self._write_process_file(end=None)
+            self._writer = DumpWriter(self.folder)
+        return self._writer
+
+    def _write_process_file(self, end: str | None) -> None:
+        assert self.folder is not None
+        _write_json_atomic(self.folder / PROCESS_FILE, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank, "pid": os.getpid(),
+            "host": platform.node(), "argv": list(sys.argv), "models": self._models, "versions": versions(),
+            "config": self.config.to_json(), "start": self._start_time, "end": end,
+            "steps": self.steps_done, "entries": self.entries,
+        })
+
+    def _after_fork(self) -> None:
+        # A forked child shares nothing with the parent's writer thread: it starts its own folder.
+        self._writer = None
+        self.folder = self.rank = None
+        self._seq = self.entries = self.steps_done = 0
+        self._depth = 0
+        self._open_calls.clear()
+
+
+def _claim_process_folder(run_dir: Path) -> tuple[Path, int]:
+    """Create this process's folder: ``rankN`` under torch.distributed, else the first free ``procN``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank = _distributed_rank()
+    if rank is not None:
+        folder = run_dir / f"rank{rank}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            raise LlmdiffError(f"{folder} already exists: two processes claim rank {rank}") from None
+        return folder, rank
+    index = 0
+    while True:  # mkdir is atomic, so concurrent processes each get their own folder
+        folder = run_dir / f"proc{index}"
+        try:
+            folder.mkdir()
+            return folder, index
+        except FileExistsError:
+            index += 1
+
+
+def _token_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.numel() <= 1 << 20:
+        return ids.detach().cpu().tolist()
+    return None
+
+
+def _reset_all_after_fork() -> None:
+    for session in _active:
+        session._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_all_after_fork)
+
+
+def capture(model: nn.Module | None, run_dir: str | os.PathLike[str], *, config: CaptureConfig | None = None,
+            modules: str | Iterable[str] | None = None, types: str | Iterable[str] | None = None,
+            steps: str | int | Iterable[int] | None = "0", parts: str = "both", mode: str = "tensor",
+            devices: str | Iterable[str] | None = None, ranks: str | int | Iterable[int] | None = None,
+            max_tensor_size: int | None = None, hash: bool = False,
+            auto_step: bool = True) -> Capture:
+    """Capture intermediate tensors of ``model`` into the new folder ``run_dir``.
+
+    Filters (see :mod:`llmdiff.config`): ``modules`` regexes with optional ``:i`` call index,
+    ``types`` class names, ``steps`` like ``"0,2,5-7"`` or ``"all"``, ``parts`` inputs|outputs|both,
+    ``devices``, ``ranks``, ``max_tensor_size`` (larger tensors keep statistics only). ``mode`` is
+    ``"tensor"`` (full tensors and statistics) or ``"stats"``; ``hash=True`` adds a content hash.
+    ``config`` replaces all of these. ``model=None`` captures every model the process runs.
+
+    >>> with llmdiff.capture(model, "runs/fp32", modules=[r"layers\\.0\\."], steps="0-3") as run:
+    ...     model.generate(**inputs)
+    """
+    if config is None:
+        config = make_config(modules=modules, types=types, steps=steps, parts=parts, mode=mode, devices=devices,
+                             ranks=ranks, max_tensor_size=max_tensor_size, hash=hash)
+    return Capture(model, run_dir, config, auto_step=auto_step)
+
+
+def save(tensor: torch.Tensor, name: str) -> None:
+    """Record ``tensor`` under ``name`` into the active capture; does nothing when none is active."""
+    session = active_capture()
+    if session is not None:
+        session.save(tensor, name)

@@ -1,0 +1,140 @@
+"""The ``llmdiff`` command: argument parsing, then one call into the Python API per command.
+
+Exit codes: 0 success (or runs match), 1 runs diverge, 2 bad input. Errors are one line.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from llmdiff.errors import LlmdiffError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+_CAPTURE_OPTIONS = [
+    click.option("--modules", "-m", multiple=True, help=r"Module path regex, repeatable; ':i' keeps the i-th call."),
+    click.option("--types", "-t", multiple=True, help="Module class name, repeatable (e.g. LlamaDecoderLayer)."),
+    click.option("--steps", "-s", help="Steps to capture: 'all', '0', '0-3', '0,2,5-7' (default 0)."),
+    click.option("--parts", type=click.Choice(["inputs", "outputs", "both"]), help="Module inputs, outputs or both."),
+    click.option("--mode", type=click.Choice(["tensor", "stats"]), help="Full tensors, or statistics only."),
+    click.option("--devices", multiple=True, help="Only tensors on these devices (cpu, cuda:0, ...)."),
+    click.option("--ranks", help="Only these ranks, e.g. '0,1'."),
+    click.option("--max-tensor-size", type=int, help="Tensors with more elements keep statistics only."),
+    click.option("--hash/--no-hash", "hash_", default=None, help="Add a content hash for bit-exactness checks."),
+]
+
+
+def _capture_options(func: Any) -> Any:
+    for option in reversed(_CAPTURE_OPTIONS):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llmdiff")
+def cli() -> None:
+    """Capture intermediate tensors of LLM runs and find where two runs start to disagree."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path),
+              help="Run folder to create (default: a new one under ./llmdiff-runs/).")
+@click.option("-c", "--config", "config_file", type=click.Path(path_type=Path), help="JSON file of capture options.")
+@_capture_options
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...], **cli_options: Any) -> None:
+    """Run COMMAND (a Python program, after '--') with capture on, child processes included."""
+    from llmdiff.capture.autorun import CONFIG_ENV, RUN_DIR_ENV
+    from llmdiff.capture.session import finish_run_dir, prepare_run_dir
+    from llmdiff.config import config_from_mapping, load_config_file
+
+    options = load_config_file(config_file) if config_file else {}
+    cli_options["hash"] = cli_options.pop("hash_")
+    for key, value in cli_options.items():
+        if value not in (None, ()):
+            options[key] = list(value) if isinstance(value, tuple) else value
+    config = config_from_mapping(options, source=str(config_file or "options"))
+    if run_dir is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("llmdiff-runs") / stamp
+        suffix = 1
+        while run_dir.exists():
+            run_dir, suffix = Path("llmdiff-runs") / f"{stamp}-{suffix}", suffix + 1
+    _check_autorun_installed()
+    prepare_run_dir(run_dir, [sys.argv[0], *sys.argv[1:]], config)
+    env = {**os.environ, RUN_DIR_ENV: str(run_dir.resolve()), CONFIG_ENV: json.dumps(config.to_json())}
+    try:
+        child = subprocess.Popen(list(command), env=env)
+    except OSError as exc:
+        raise LlmdiffError(f"cannot start {command[0]!r}: {exc.strerror}") from None
+    # Ctrl-C reaches the child through the terminal; SIGTERM sent to us is passed on.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    finish_run_dir(run_dir, exit_code=code)
+    from llmdiff.store.reader import open_dump
+    from llmdiff.store.summary import summarize
+
+    summary = summarize(open_dump(run_dir))
+    err_console.print(f"llmdiff: {summary.entries} entries, {len(summary.steps)} steps, "
+                      f"{len(summary.processes)} process(es) captured into {run_dir}")
+    sys.exit(code)
+
+
+def _check_autorun_installed() -> None:
+    import site
+    import sysconfig
+
+    places = {sysconfig.get_paths()["purelib"], *site.getsitepackages(), site.getusersitepackages()}
+    if not any(Path(p, "llmdiff_autorun.pth").is_file() for p in places):
+        err_console.print("llmdiff: warning: llmdiff_autorun.pth is not in site-packages, so child Python "
+                          "processes will not capture; reinstall llmdiff with pip "
+                          "(not a source checkout on PYTHONPATH)")
+
+
+@cli.command()
+@click.argument("dump", type=click.Path(path_type=Path))
+def show(dump: Path) -> None:
+    """Summarize a dump: steps, modules, entries, bytes, dtypes, NaN/Inf."""
+    from llmdiff.report.show import print_summary
+    from llmdiff.store.reader import open_dump
+    from llmdiff.store.summary import summarize
+
+    print_summary(summarize(open_dump(dump)), console)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and turn :class:`LlmdiffError` into one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="llmdiff", standalone_mode=False)
+    except LlmdiffError as exc:
+        err_console.print(f"llmdiff: error: {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("llmdiff: aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        err_console.print(f"llmdiff: error: {exc.format_message()}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,239 @@
+"""The filter grammar shared by the Python API, the CLI and config files.
+
+Every way of asking for a capture ends in one :class:`CaptureConfig`. Values are validated here,
+before the user's program starts, and bad ones raise :class:`UsageError` naming the option.
+
+Grammar
+-------
+``modules``  regexes searched in the full module path (``model.layers.0.mlp``). A trailing ``:i``
+             keeps only the i-th call of that module within a step (inputs and outputs of that call).
+             A ``:`` elsewhere stays part of the regex (``(?:q|k)_proj`` works).
+``types``    module class names (``LlamaDecoderLayer``); an entry must match both lists when both are set.
+``steps``    ``"all"``, ``"0"``, ``"0-3"``, ``"0,2,5-7"``.
+``parts``    ``"inputs"``, ``"outputs"`` or ``"both"``; keyword arguments count as inputs.
+``mode``     ``"tensor"`` (full tensors plus statistics) or ``"stats"`` (statistics only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from llmdiff.errors import UsageError
+
+MODES = ("tensor", "stats")
+PARTS = {"inputs": frozenset({"input"}), "outputs": frozenset({"output"}), "both": frozenset({"input", "output"})}
+_CALL_SUFFIX = re.compile(r"^(?P<regex>.*):(?P<call>\d+)$")
+
+
+@dataclass(frozen=True)
+class ModulePattern:
+    """One ``modules`` item: a regex searched in the module path, optionally pinned to one call index."""
+
+    regex: re.Pattern[str]
+    call: int | None = None
+
+    def matches(self, module_path: str) -> bool:
+        return self.regex.search(module_path) is not None
+
+    def __str__(self) -> str:
+        return self.regex.pattern + ("" if self.call is None else f":{self.call}")
+
+
+@dataclass(frozen=True)
+class StepSet:
+    """A set of step numbers written as ``"all"`` or ``"0,2,5-7"``; ``ranges`` of None means all."""
+
+    ranges: tuple[tuple[int, int], ...] | None
+
+    def __contains__(self, step: object) -> bool:
+        if self.ranges is None:
+            return True
+        return isinstance(step, int) and any(lo <= step <= hi for lo, hi in self.ranges)
+
+    @property
+    def last(self) -> int | None:
+        """The highest selected step, or None when unbounded."""
+        return None if self.ranges is None else max(hi for _, hi in self.ranges)
+
+    def __str__(self) -> str:
+        if self.ranges is None:
+            return "all"
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What to capture. Build it with :func:`make_config`; the defaults capture everything of step 0."""
+
+    modules: tuple[ModulePattern, ...] = ()
+    types: frozenset[str] = frozenset()
+    steps: StepSet = field(default_factory=lambda: StepSet(((0, 0),)))
+    parts: frozenset[str] = PARTS["both"]
+    mode: str = "tensor"
+    devices: tuple[str, ...] = ()
+    ranks: frozenset[int] | None = None
+    max_tensor_size: int | None = None
+    hash: bool = False
+
+    def selects_module(self, module_path: str, type_name: str) -> bool:
+        """Whether any call of this module can be captured (call indices are checked later)."""
+        if self.types and type_name not in self.types:
+            return False
+        return not self.modules or any(p.matches(module_path) for p in self.modules)
+
+    def selects_call(self, module_path: str, call: int) -> bool:
+        """Whether call number ``call`` (within its step) of a selected module is captured."""
+        if not self.modules:
+            return True
+        return any(p.matches(module_path) and (p.call is None or p.call == call) for p in self.modules)
+
+    def selects_device(self, device: str) -> bool:
+        return not self.devices or device in self.devices or device.split(":")[0] in self.devices
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as JSON-able options that :func:`make_config` accepts back."""
+        return {
+            "modules": [str(p) for p in self.modules],
+            "types": sorted(self.types),
+            "steps": str(self.steps),
+            "parts": next(k for k, v in PARTS.items() if v == self.parts),
+            "mode": self.mode,
+            "devices": list(self.devices),
+            "ranks": None if self.ranks is None else sorted(self.ranks),
+            "max_tensor_size": self.max_tensor_size,
+            "hash": self.hash,
+        }
+
+
+def parse_modules(value: str | Iterable[str] | None, option: str = "modules") -> tuple[ModulePattern, ...]:
+    """Parse module patterns; a string is one regex (use a list for several)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    patterns = []
+    for item in items:
+        if not isinstance(item, str):
+            raise UsageError(f"{option}: expected regex strings, got {item!r}")
+        regex, call = item, None
+        suffix = _CALL_SUFFIX.match(item)
+        if suffix:
+            regex, call = suffix["regex"], int(suffix["call"])
+        try:
+            patterns.append(ModulePattern(re.compile(regex), call))
+        except re.error as exc:
+            raise UsageError(f"{option}: {item!r} is not a valid regex ({exc})") from None
+    return tuple(patterns)
+
+
+def parse_steps(value: str | int | Iterable[int] | None, option: str = "steps") -> StepSet:
+    """Parse ``"all"``, ``"0"``, ``"0-3"``, ``"0,2,5-7"``, an int or a list of ints."""
+    if value is None or value == "all":
+        return StepSet(None)
+    if isinstance(value, bool):
+        raise UsageError(f"{option}: expected 'all', a step number or ranges like '0,2,5-7', got {value!r}")
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str):
+        try:
+            value = ",".join(str(int(v)) for v in value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{option}: expected a list of step numbers, got {value!r}") from None
+    ranges = []
+    for part in value.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UsageError(f"{option}: {value!r} is not 'all' or ranges like '0,2,5-7'")
+        lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+        if lo > hi:
+            raise UsageError(f"{option}: range {part!r} runs backwards (start > end)")
+        ranges.append((lo, hi))
+    return StepSet(tuple(sorted(ranges)))
+
+
+def _choice(value: Any, allowed: Iterable[str], option: str) -> str:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise UsageError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _str_list(value: Any, option: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(v, str) for v in items):
+        raise UsageError(f"{option}: expected a list of strings, got {value!r}")
+    return tuple(items)
+
+
+def _int_list(value: Any, option: str) -> frozenset[int] | None:
+    if value is None or value == "all":
+        return None
+    items = value.split(",") if isinstance(value, str) else ([value] if isinstance(value, int) else value)
+    try:
+        return frozenset(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option}: expected integers like '0,1', got {value!r}") from None
+
+
+def make_config(
+    modules: str | Iterable[str] | None = None,
+    types: str | Iterable[str] | None = None,
+    steps: str | int | Iterable[int] | None = "0",
+    parts: str = "both",
+    mode: str = "tensor",
+    devices: str | Iterable[str] | None = None,
+    ranks: str | int | Iterable[int] | None = None,
+    max_tensor_size: int | None = None,
+    hash: bool = False,
+) -> CaptureConfig:
+    """Validate user options and build a :class:`CaptureConfig`. Raises :class:`UsageError`."""
+    if max_tensor_size is not None and (
+        isinstance(max_tensor_size, bool) or not isinstance(max_tensor_size, int) or max_tensor_size < 0
+    ):
+        raise UsageError(f"max_tensor_size: expected a non-negative element count, got {max_tensor_size!r}")
+    return CaptureConfig(
+        modules=parse_modules(modules),
+        types=frozenset(_str_list(types, "types")),
+        steps=parse_steps(steps),
+        parts=PARTS[_choice(parts, PARTS, "parts")],
+        mode=_choice(mode, MODES, "mode"),
+        devices=_str_list(devices, "devices"),
+        ranks=_int_list(ranks, "ranks"),
+        max_tensor_size=max_tensor_size,
+        hash=bool(hash),
+    )
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(CaptureConfig))
+
+
+def config_from_mapping(options: Mapping[str, Any], source: str = "config") -> CaptureConfig:
+    """Build a config from a JSON object (a config file, or the environment of a zero-code run)."""
+    unknown = sorted(set(options) - OPTION_NAMES)
+    if unknown:
+        raise UsageError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTION_NAMES))}")
+    return make_config(**options)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON config file into plain options (validated later by :func:`config_from_mapping`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--config: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: {path} must hold a JSON object")
+    return data
+
+
+def override(config: CaptureConfig, **changes: Any) -> CaptureConfig:
+    """A copy of ``config`` with some fields replaced."""
+    return replace(config, **changes)

@@ -1,0 +1,159 @@
+"""Read an llmdiff dump back: entries in execution order, finished steps, and what could not be trusted.
+
+Reading never executes code from the dump: metadata is JSON and tensor data is safetensors, opened
+memory-mapped one file at a time. Lines that are torn, steps that never finished and shards that are
+missing or half-written are left out of ``entries`` and listed in ``problems`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from llmdiff.errors import DumpError
+from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, PROCESS_FILE, RUN_FILE, Entry, StepRecord
+
+_SHARD_NAME = re.compile(r"shard-\d{6}\.safetensors")
+
+
+@dataclass
+class ProcessDump:
+    """One process folder of a dump."""
+
+    folder: Path
+    info: dict[str, Any]
+    entries: list[Entry] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    unfinished: int = 0
+
+
+@dataclass
+class Dump:
+    """A dump opened for reading. ``entries`` holds only entries of finished steps, in execution order."""
+
+    path: Path
+    run: dict[str, Any]
+    processes: list[ProcessDump]
+    problems: list[str]
+    format: str = "llmdiff"
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [e for p in self.processes for e in p.entries]
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        return [s for p in self.processes for s in p.steps]
+
+    def process_folder(self, process: str) -> Path:
+        """The folder of the process named ``process`` (an entry's ``process`` field)."""
+        for proc in self.processes:
+            if proc.folder.name == process:
+                return proc.folder
+        return self.path
+
+    def load(self, entry: Entry) -> torch.Tensor:
+        """The full tensor of ``entry`` (on the CPU). Raises DumpError for a stats-only entry."""
+        if entry.data is None:
+            raise DumpError(f"{entry.name}: only statistics were captured (use mode='tensor')")
+        file = self.process_folder(entry.process) / entry.data["file"]
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = self._handles[file] = safe_open(str(file), framework="pt")
+            except (OSError, SafetensorError) as exc:
+                raise DumpError(f"cannot read {file}: {exc}") from None
+        try:
+            return handle.get_tensor(entry.data["key"])
+        except (KeyError, SafetensorError) as exc:
+            raise DumpError(f"{file}: no tensor {entry.data['key']!r} ({exc})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_process(folder: Path, problems: list[str]) -> ProcessDump:
+    """Read one process folder; what cannot be trusted is appended to ``problems``."""
+    proc = ProcessDump(folder, _read_json(folder / PROCESS_FILE))
+    for partial in sorted(folder.glob("*" + PARTIAL_SUFFIX)):
+        problems.append(f"{partial}: half-written shard ignored (the process was interrupted)")
+    pending: list[Entry] = []
+    shard_ok: dict[str, bool] = {}
+    manifest = folder / MANIFEST_FILE
+    with open(manifest, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                record = json.loads(raw)
+                kind = record["kind"]
+            except (ValueError, KeyError, TypeError):
+                problems.append(f"{manifest}:{number}: unreadable line ignored (torn write?)")
+                continue
+            if kind == "step":
+                proc.steps.append(StepRecord.from_json(record))
+                proc.entries.extend(pending)
+                pending = []
+            elif kind == "entry":
+                entry = Entry.from_json(record, process=folder.name)
+                if entry.data is not None:
+                    name = entry.data.get("file", "")
+                    if name not in shard_ok:
+                        shard_ok[name] = bool(_SHARD_NAME.fullmatch(name)) and (folder / name).is_file()
+                    if not shard_ok[name]:
+                        problems.append(f"{folder / name}: data file missing or misnamed; "
+                                        f"{entry.name} kept as stats only")
+                        entry.data, entry.note = None, "data file missing"
+                pending.append(entry)
+    if pending:
+        proc.unfinished = len(pending)
+        problems.append(f"{folder}: {len(pending)} entries of an unfinished step ignored "
+                        "(the process stopped mid-step)")
+    return proc
+
+
+def _process_folders(path: Path) -> Iterator[Path]:
+    if (path / MANIFEST_FILE).is_file():
+        yield path
+        return
+    for child in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)):
+        if child.is_dir() and (child / MANIFEST_FILE).is_file():
+            yield child
+
+
+def open_llmdiff_dump(path: Path) -> Dump:
+    """Open a run folder (or one process folder) written by llmdiff."""
+    problems: list[str] = []
+    processes = [read_process(folder, problems) for folder in _process_folders(path)]
+    run = _read_json(path / RUN_FILE) or _read_json(path.parent / RUN_FILE)
+    return Dump(path, run, processes, problems)
+
+
+def is_llmdiff_dump(path: Path) -> bool:
+    return (path / RUN_FILE).is_file() or (path / MANIFEST_FILE).is_file() or any(_process_folders(path))
+
+
+def open_dump(path: str | Path) -> Dump:
+    """Open a dump folder for reading. Raises :class:`DumpError` when it is not one."""
+    folder = Path(path)
+    if not folder.exists():
+        raise DumpError(f"{folder}: no such dump folder")
+    if not folder.is_dir():
+        raise DumpError(f"{folder}: a dump is a folder, not a file")
+    if is_llmdiff_dump(folder):
+        return open_llmdiff_dump(folder)
+    raise DumpError(f"{folder}: not an llmdiff dump (no run.json or manifest.jsonl found)")

@@ -1,0 +1,156 @@
+"""Writes one process folder of a dump: safetensors shards plus an append-only manifest.
+
+All file I/O runs in one background thread fed by a queue bounded in *bytes*: when the model
+produces tensors faster than the disk takes them, ``add`` blocks (back-pressure) instead of
+letting memory grow. Crash safety comes from ordering alone:
+
+1. tensors collect in memory up to ``shard_bytes``, then go to ``shard-N.safetensors.partial``;
+2. the finished shard is renamed into place (atomic on POSIX);
+3. only then are the manifest lines that point into it appended, followed at a step's end by a
+   ``step`` line. A reader trusts a step only once its ``step`` line is there.
+
+A SIGKILL at any moment therefore leaves complete steps readable, a leftover ``.partial`` file that
+readers ignore, and at worst a torn last manifest line that readers skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from llmdiff.errors import LlmdiffError
+from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, SHARD_TEMPLATE, Entry, StepRecord
+
+#: Called in the writer thread before a tensor is stored: fills ``entry.stats`` and returns the
+#: tensor to write (on the CPU), or None to keep statistics only.
+Prepare = Callable[[Entry, torch.Tensor], torch.Tensor | None]
+
+_CLOSE = object()
+
+
+class DumpWriter:
+    """Background writer for one process folder. Call :meth:`close` to drain and finish."""
+
+    def __init__(self, folder: Path, shard_bytes: int = 256 << 20, queue_bytes: int = 1 << 30) -> None:
+        self.folder = folder
+        self.shard_bytes = shard_bytes
+        self.queue_bytes = queue_bytes
+        self.bytes_written = 0
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._budget = threading.Condition()
+        self._in_flight = 0
+        self._manifest = open(folder / MANIFEST_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in _run
+        # state owned by the writer thread
+        self._shard_index = 0
+        self._shard: dict[str, torch.Tensor] = {}
+        self._shard_size = 0
+        self._pending: list[Entry] = []
+        self._stored: dict[int, Entry] = {}
+        self._thread = threading.Thread(target=self._run, name="llmdiff-writer", daemon=True)
+        self._thread.start()
+
+    # -- called from the capturing thread -------------------------------------------------------
+    def add(self, entry: Entry, tensor: torch.Tensor | None = None, prepare: Prepare | None = None,
+            same_as: int | None = None) -> None:
+        """Queue one entry. ``tensor`` must be a private copy; ``same_as`` reuses the data of an
+        earlier entry (same seq) of the current step instead of storing it again."""
+        self._raise_if_failed()
+        size = 0 if tensor is None else tensor.numel() * tensor.element_size()
+        with self._budget:
+            while self._in_flight and self._in_flight + size > self.queue_bytes:
+                self._budget.wait()
+            self._in_flight += size
+        self._queue.put((entry, tensor, prepare, same_as, size))
+
+    def end_step(self, record: StepRecord) -> None:
+        """Mark a step complete: everything queued before is made durable, then the step line."""
+        self._raise_if_failed()
+        self._queue.put(record)
+
+    def close(self) -> None:
+        """Drain the queue and stop the thread. Raises if writing failed."""
+        if self._thread.is_alive():
+            self._queue.put(_CLOSE)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise LlmdiffError(f"writing the dump to {self.folder} failed: {self.error}")
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _CLOSE:
+                    self._commit()
+                    return
+                if self.error is not None:
+                    self._release(item)
+                    continue
+                try:
+                    if isinstance(item, StepRecord):
+                        self._commit()
+                        self._write_line(item.to_json())
+                        self._stored.clear()
+                    else:
+                        self._store(*item[:4])
+                except BaseException as exc:
+                    self.error = exc
+                finally:
+                    self._release(item)
+        finally:
+            self._manifest.close()
+
+    def _release(self, item: Any) -> None:
+        if isinstance(item, tuple):
+            with self._budget:
+                self._in_flight -= item[4]
+                self._budget.notify_all()
+
+    def _store(self, entry: Entry, tensor: torch.Tensor | None, prepare: Prepare | None,
+               same_as: int | None) -> None:
+        source = self._stored.get(same_as) if same_as is not None else None
+        if source is not None:
+            entry.data, entry.stats, entry.note = source.data, source.stats, source.note
+        elif tensor is not None:
+            data = prepare(entry, tensor) if prepare else tensor
+            if data is not None:
+                key = str(entry.seq)
+                self._shard[key] = data.contiguous()
+                self._shard_size += data.numel() * data.element_size()
+                entry.data = {"file": SHARD_TEMPLATE.format(self._shard_index), "key": key}
+        self._stored[entry.seq] = entry
+        self._pending.append(entry)
+        if self._shard_size >= self.shard_bytes:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Put the current shard in place, then write the manifest lines that point into it."""
+        if self._shard:
+            final = self.folder / SHARD_TEMPLATE.format(self._shard_index)
+            partial = final.with_name(final.name + PARTIAL_SUFFIX)
+            save_file(self._shard, str(partial))
+            os.replace(partial, final)
+            self.bytes_written += final.stat().st_size
+            self._shard_index += 1
+            self._shard, self._shard_size = {}, 0
+        for entry in self._pending:
+            self._write_line(entry.to_json(), flush=False)
+        self._pending.clear()
+        self._manifest.flush()
+
+    def _write_line(self, record: dict[str, Any], flush: bool = True) -> None:
+        self._manifest.write(json.dumps(record, separators=(",", ":")) + "\n")
+        if flush:
+            self._manifest.flush()
