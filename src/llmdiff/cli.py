@@ -19,7 +19,8 @@ from rich.console import Console
 
 from llmdiff.errors import LlmdiffError
 
-console = Console(stderr=False, highlight=False)
+# Piped output is not wrapped at 80 columns: tables stay one line per row in logs and files.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
 _CAPTURE_OPTIONS = [

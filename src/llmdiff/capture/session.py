@@ -184,7 +184,7 @@ class Capture:
                 self._write_process_file(end=_now())
             if self.owns_run_dir and self.run_dir.joinpath(RUN_FILE).exists() and self.rank in (None, 0):
                 finish_run_dir(self.run_dir)
-        if self.calls_seen == 0:
+        if self.calls_seen == 0 and self.entries == 0:
             warnings.warn("llmdiff: no forward call of a captured module was seen. If the model ran under "
                           "torch.compile or CUDA graphs, hooks do not fire there: run it eagerly to capture.",
                           LlmdiffWarning, stacklevel=2)

@@ -1,0 +1,254 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmdiff
+from llmdiff.errors import LlmdiffError
+from tinymodels import generate, tiny_llama
+
+
+def entries_by_name(dump):
+    return {(e.step, e.name): e for e in dump.entries}
+
+
+def test_capture_does_not_change_outputs(model, prompt, tmp_path):
+    reference = generate(model, prompt, 5)
+    with torch.no_grad():
+        logits = model(prompt).logits
+    with llmdiff.capture(model, tmp_path / "run", steps="all", hash=True):
+        captured = generate(model, prompt, 5)
+        with torch.no_grad():
+            captured_logits = model(prompt).logits
+    assert torch.equal(reference, captured)
+    assert torch.equal(logits, captured_logits)  # bit-identical
+
+
+def test_hooks_are_gone_after_stop(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "run"):
+        generate(model, prompt, 1)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_generate_steps_token_ids_and_kwargs(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "run", steps="all"):
+        tokens = generate(model, prompt, 3)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert [s.step for s in dump.steps] == [0, 1, 2]
+    assert dump.steps[0].token_ids == prompt.tolist()
+    assert dump.steps[1].token_ids == [[tokens[0, 6].item()]]
+    by_name = entries_by_name(dump)
+    assert by_name[(0, "model.embed_tokens:0 input.0")].shape == [1, 6]
+    assert by_name[(1, "model.embed_tokens:0 input.0")].shape == [1, 1]
+    # HF passes hidden_states to attention by keyword: captured and named by keyword
+    assert by_name[(0, "model.layers.0.self_attn:0 kwarg.hidden_states")].shape == [1, 6, 64]
+    # nested outputs: a tuple from attention, a ModelOutput from the root
+    assert (0, "model.layers.0.self_attn:0 output.0") in by_name
+    logits = by_name[(0, "<root>:0 output.logits")]
+    assert logits.shape == [1, 1, 128]  # generate asks for the last position's logits only
+    with torch.no_grad():
+        expected = model(prompt).logits[:, -1:]
+    assert torch.allclose(dump.load(logits), expected, atol=1e-6)
+
+
+def test_default_is_step_zero_only(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "run"):
+        generate(model, prompt, 3)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert {e.step for e in dump.entries} == {0}
+
+
+def test_step_ranges(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "run", steps="1,3-4", modules="lm_head"):
+        generate(model, prompt, 6)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert sorted({e.step for e in dump.entries}) == [1, 3, 4]
+    assert {e.module for e in dump.entries} == {"lm_head"}
+
+
+def test_module_regex_type_and_parts_filters(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "a", modules=[r"layers\.1\.mlp$"], parts="outputs"):
+        generate(model, prompt, 1)
+    names = [e.name for e in llmdiff.open_dump(tmp_path / "a").entries]
+    assert names == ["model.layers.1.mlp:0 output"]
+
+    with llmdiff.capture(model, tmp_path / "b", types=["LlamaRMSNorm"], parts="inputs"):
+        generate(model, prompt, 1)
+    entries = llmdiff.open_dump(tmp_path / "b").entries
+    assert {e.type for e in entries} == {"LlamaRMSNorm"}
+    assert {e.part for e in entries} == {"input"}
+    assert len({e.module for e in entries}) == 5  # 2 per layer + final norm
+
+
+class Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(self.inner(x) * 2)
+
+
+def test_call_index_selects_inputs_and_outputs_of_the_same_call(tmp_path):
+    model = Twice()
+    x = torch.randn(2, 4)
+    with llmdiff.capture(model, tmp_path / "run", modules=["inner:1"], steps="all"), torch.no_grad():
+        model(x)
+        model(x)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert [(e.step, e.name) for e in dump.entries] == [
+        (0, "inner:1 input.0"), (0, "inner:1 output"), (1, "inner:1 input.0"), (1, "inner:1 output")]
+    first_out = model.inner(x)
+    second_in = dump.load(dump.entries[0])
+    assert torch.allclose(second_in, first_out.detach() * 2)
+    assert torch.allclose(dump.load(dump.entries[1]), model.inner(second_in).detach())
+
+
+def test_later_inplace_change_does_not_alter_the_record(tmp_path):
+    class Mutating(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            y = self.lin(x)
+            y.mul_(0)  # in place, after lin's output was captured
+            return y
+
+    model = Mutating()
+    x = torch.ones(1, 3)
+    with llmdiff.capture(model, tmp_path / "run", modules=["lin"], parts="outputs"), torch.no_grad():
+        model(x)
+        expected = model.lin(x)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert torch.equal(dump.load(dump.entries[0]), expected)
+    assert dump.entries[0].stats["max"] == pytest.approx(expected.max().item())
+
+
+def test_a_view_stores_only_its_own_elements(tmp_path):
+    class Slicer(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    big = torch.randn(1000, 1000)
+    with llmdiff.capture(model := Slicer(), tmp_path / "run2", parts="inputs"):
+        model(big[:2, :3])
+    dump = llmdiff.open_dump(tmp_path / "run2")
+    (entry,) = dump.entries
+    assert torch.equal(dump.load(entry), big[:2, :3])
+    shard = next(Path(tmp_path / "run2").glob("proc0/shard-*.safetensors"))
+    assert shard.stat().st_size < 1000  # 24 bytes of data, not the 4 MB base storage
+
+
+def test_stats_mode_and_hash(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "run", mode="stats", hash=True, modules=["lm_head"]):
+        generate(model, prompt, 1)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert not list((tmp_path / "run").glob("*/*.safetensors"))
+    out = next(e for e in dump.entries if e.part == "output")
+    with torch.no_grad():
+        logits = model(prompt).logits[:, -1:]
+    stats = out.stats
+    assert out.data is None
+    assert stats["min"] == pytest.approx(logits.min().item(), rel=1e-6)
+    assert stats["max"] == pytest.approx(logits.max().item(), rel=1e-6)
+    assert stats["mean"] == pytest.approx(logits.mean().item(), abs=1e-6)
+    assert stats["std"] == pytest.approx(logits.std(correction=0).item(), rel=1e-5)
+    assert stats["norm"] == pytest.approx(logits.norm().item(), rel=1e-5)
+    assert stats["nan"] == stats["inf"] == 0
+    assert len(stats["hash"]) == 32
+    with llmdiff.capture(model, tmp_path / "again", mode="tensor", hash=True, modules=["lm_head"]):
+        generate(model, prompt, 1)
+    again = next(e for e in llmdiff.open_dump(tmp_path / "again").entries if e.part == "output")
+    assert again.stats["hash"] == stats["hash"]
+
+
+def test_nan_and_inf_are_counted():
+    from llmdiff.capture.stats import tensor_stats
+
+    stats = tensor_stats(torch.tensor([1.0, float("nan"), float("inf"), -2.0, float("nan")]))
+    assert (stats["nan"], stats["inf"], stats["min"], stats["max"]) == (2, 1, -2.0, 1.0)
+    assert tensor_stats(torch.tensor([float("nan")]))["mean"] is None
+    bf16 = tensor_stats(torch.tensor([1.0, 3.0], dtype=torch.bfloat16))
+    assert bf16["mean"] == 2.0 and bf16["std"] == 1.0
+
+
+def test_max_tensor_size_keeps_statistics_not_silence(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "run", max_tensor_size=100, modules=["lm_head", "embed_tokens"]):
+        generate(model, prompt, 1)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    logits = next(e for e in dump.entries if e.module == "lm_head" and e.part == "output")
+    assert logits.data is None and logits.stats is not None
+    assert logits.note == "stats only: 128 elements > max_tensor_size 100"
+    ids = next(e for e in dump.entries if e.module == "model.embed_tokens" and e.part == "input")
+    assert ids.data is not None
+
+
+def test_device_and_rank_filters(model, prompt, tmp_path):
+    with llmdiff.capture(model, tmp_path / "gpu", devices=["cuda:0"]):
+        generate(model, prompt, 1)
+    assert llmdiff.open_dump(tmp_path / "gpu").entries == []
+    with llmdiff.capture(model, tmp_path / "cpu", devices=["cpu"], modules="lm_head"):
+        generate(model, prompt, 1)
+    assert len(llmdiff.open_dump(tmp_path / "cpu").entries) == 2
+    with llmdiff.capture(model, tmp_path / "rank1", ranks=[1]):
+        generate(model, prompt, 1)
+    assert llmdiff.open_dump(tmp_path / "rank1").entries == []
+
+
+def test_save_and_manual_steps(tmp_path):
+    with llmdiff.capture(None, tmp_path / "run", steps="all", auto_step=False) as run:
+        for i in range(3):
+            llmdiff.save(torch.full((2,), float(i)), "my_point")
+            llmdiff.save(torch.full((2,), float(-i)), "my_point")
+            run.step()
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert [(e.step, e.name) for e in dump.entries][:2] == [(0, "my_point:0 save"), (0, "my_point:1 save")]
+    assert [s.step for s in dump.steps] == [0, 1, 2]
+    assert dump.load(dump.entries[-2]).tolist() == [2.0, 2.0]
+    llmdiff.save(torch.ones(1), "outside")  # no active capture: nothing happens
+
+
+def test_existing_run_dir_is_never_overwritten(model, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    with pytest.raises(LlmdiffError, match="already exists and is not empty"):
+        llmdiff.capture(model, tmp_path / "run").start()
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+def test_zero_code_discovery_names_and_kwargs(prompt, tmp_path):
+    model = tiny_llama()
+    with llmdiff.capture(None, tmp_path / "run", steps="0-1"):
+        generate(model, prompt, 2)
+    dump = llmdiff.open_dump(tmp_path / "run")
+    names = {(e.step, e.name) for e in dump.entries}
+    assert (0, "<root>:0 kwarg.input_ids") in names  # the discovery call's keyword inputs, recorded at exit
+    assert (0, "model.layers.0.self_attn:0 kwarg.hidden_states") in names
+    assert dump.steps[0].token_ids == prompt.tolist()
+    assert [s.step for s in dump.steps] == [0, 1]
+
+
+def test_compiled_model_warns(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    model._orig_mod = torch.nn.Linear(2, 2)  # what torch.compile's wrapper looks like
+    with pytest.warns(llmdiff.LlmdiffWarning, match="torch.compile"), llmdiff.capture(model, tmp_path / "r"):
+        pass
+
+
+def test_writer_back_pressure_keeps_everything(tmp_path):
+    from llmdiff.store.schema import Entry, StepRecord
+    from llmdiff.store.writer import DumpWriter
+
+    tmp_path.joinpath("p").mkdir()
+    writer = DumpWriter(tmp_path / "p", shard_bytes=1000, queue_bytes=2000)
+    for i in range(50):
+        t = torch.full((100,), float(i))  # 400 bytes each
+        entry = Entry(i, 0, 0, "m", "M", i, "output", "", [100], "float32", "cpu", None)
+        writer.add(entry, t)
+    writer.end_step(StepRecord(0, 0, None, 50))
+    writer.close()
+    dump = llmdiff.open_dump(tmp_path / "p")
+    assert len(dump.entries) == 50 and len(list((tmp_path / "p").glob("shard-*"))) > 10
+    assert dump.load(dump.entries[37]).tolist() == [37.0] * 100

@@ -1,0 +1,167 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmdiff
+
+TESTS = Path(__file__).parent
+
+
+def llmdiff_cli(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "llmdiff", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def write_script(path: Path, body: str) -> Path:
+    path.write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(body))
+    return path
+
+
+def test_zero_code_capture_includes_subprocesses(tmp_path):
+    child = write_script(tmp_path / "child.py", """
+        import torch
+        from tinymodels import tiny_llama, generate
+        generate(tiny_llama(seed=1), torch.tensor([[3, 4, 5]]), 1)
+    """)
+    main = write_script(tmp_path / "main.py", f"""
+        import subprocess, torch
+        from tinymodels import tiny_llama, generate
+        generate(tiny_llama(), torch.tensor([[1, 2, 3, 4]]), 2)
+        subprocess.run([sys.executable, {str(child)!r}], check=True)
+    """)
+    result = llmdiff_cli("run", "-o", tmp_path / "run", "--steps", "all", "--modules", "lm_head",
+                         "--", sys.executable, main)
+    assert result.returncode == 0, result.stderr
+    assert "captured into" in result.stderr
+    dump = llmdiff.open_dump(tmp_path / "run")
+    assert [p.folder.name for p in dump.processes] == ["proc0", "proc1"]
+    parent, kid = dump.processes
+    assert next(s.token_ids for s in parent.steps) == [[1, 2, 3, 4]]
+    assert len(parent.steps) == 2 and len(kid.steps) == 1
+    assert {e.module for e in dump.entries} == {"lm_head"}
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["exit_code"] == 0 and run["end"] and run["config"]["steps"] == "all"
+    assert json.loads((tmp_path / "run" / "proc0" / "process.json").read_text())["models"][0]["class"] == \
+        "LlamaForCausalLM"
+
+
+def test_exit_code_of_the_program_is_passed_on(tmp_path):
+    script = write_script(tmp_path / "fail.py", "sys.exit(7)\n")
+    assert llmdiff_cli("run", "-o", tmp_path / "run", "--", sys.executable, script).returncode == 7
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", "3-1"], "llmdiff: error: steps: range '3-1' runs backwards (start > end)"),
+    (["--modules", "(bad"], "llmdiff: error: modules: '(bad' is not a valid regex"),
+    (["--mode", "everything"], "llmdiff: error: Invalid value for '--mode'"),
+])
+def test_bad_options_fail_before_the_program_starts(tmp_path, args, message):
+    marker = tmp_path / "started"
+    script = write_script(tmp_path / "s.py", f"open({str(marker)!r}, 'w').close()\n")
+    result = llmdiff_cli("run", "-o", tmp_path / "run", *args, "--", sys.executable, script)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_bad_config_file_and_existing_run_dir(tmp_path):
+    script = write_script(tmp_path / "s.py", "pass\n")
+    (tmp_path / "c.json").write_text('{"steps": "all", "colour": "red"}')
+    result = llmdiff_cli("run", "-c", tmp_path / "c.json", "-o", tmp_path / "r", "--", sys.executable, script)
+    assert result.returncode == 2 and "unknown option(s) colour" in result.stderr
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "data").write_text("keep")
+    result = llmdiff_cli("run", "-o", tmp_path / "taken", "--", sys.executable, script)
+    assert result.returncode == 2 and "already exists and is not empty" in result.stderr
+    assert (tmp_path / "taken" / "data").read_text() == "keep"
+
+
+def test_config_file_options_with_cli_override(tmp_path):
+    script = write_script(tmp_path / "s.py", """
+        import torch
+        from tinymodels import tiny_llama, generate
+        generate(tiny_llama(), torch.tensor([[1, 2, 3]]), 3)
+    """)
+    (tmp_path / "c.json").write_text(json.dumps({"modules": ["lm_head"], "steps": "all", "mode": "stats"}))
+    result = llmdiff_cli("run", "-c", tmp_path / "c.json", "--steps", "1", "-o", tmp_path / "r", "--",
+                         sys.executable, script)
+    assert result.returncode == 0, result.stderr
+    dump = llmdiff.open_dump(tmp_path / "r")
+    assert {(e.step, e.module) for e in dump.entries} == {(1, "lm_head")}
+    assert all(e.data is None and e.stats for e in dump.entries)
+
+
+def test_default_run_dir_is_timestamped(tmp_path):
+    script = write_script(tmp_path / "s.py", "pass\n")
+    assert llmdiff_cli("run", "--", sys.executable, script, cwd=tmp_path).returncode == 0
+    (run_dir,) = (tmp_path / "llmdiff-runs").iterdir()
+    assert (run_dir / "run.json").is_file()
+
+
+def test_show_summarizes_and_reports_nan(tmp_path):
+    class Blowup(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2)
+            self.b = torch.nn.Identity()
+
+        def forward(self, x):
+            return self.b(self.a(x) / 0)
+
+    model = Blowup()
+    with llmdiff.capture(model, tmp_path / "run"), torch.no_grad():
+        model(torch.ones(1, 2))
+    result = llmdiff_cli("show", tmp_path / "run")
+    assert result.returncode == 0
+    assert "a:0 output" not in result.stdout
+    assert "first: step 0 b:0 input.0" in result.stdout
+    assert "float32 × 6" in result.stdout
+
+
+def test_show_bad_path_is_one_line(tmp_path):
+    result = llmdiff_cli("show", tmp_path / "nope")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"llmdiff: error: {tmp_path / 'nope'}: no such dump folder"
+
+
+KILL_SCRIPT = """
+    import torch, llmdiff
+    from tinymodels import tiny_llama, generate
+    model = tiny_llama(layers=4)
+    with llmdiff.capture(model, sys.argv[1], steps="all"):
+        generate(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), 400)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.13, 0.41])
+def test_sigkill_mid_run_leaves_finished_steps_readable(tmp_path, delay):
+    script = write_script(tmp_path / "k.py", KILL_SCRIPT)
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, str(script), str(run)])
+    manifest = run / "proc0" / "manifest.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until some steps are done, then kill at an arbitrary moment
+        if manifest.exists() and manifest.read_bytes().count(b'"kind":"step"') >= 2:
+            break
+        time.sleep(0.01)
+    time.sleep(delay)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    dump = llmdiff.open_dump(run)
+    steps = dump.steps
+    assert len(steps) >= 2
+    assert [s.step for s in steps] == list(range(len(steps)))
+    for record in steps:
+        entries = [e for e in dump.entries if e.step == record.step]
+        assert len(entries) == record.entries
+        for entry in entries:
+            assert dump.load(entry).shape == torch.Size(entry.shape)
