@@ -6,14 +6,17 @@ The public API::
     llmdiff.save(tensor, "my_point")
     llmdiff.seed_all(1234, deterministic=True)
     dump = llmdiff.open_dump("runs/fp32")
+    report = llmdiff.compare("runs/fp32", "runs/bf16")
 """
 
 __version__ = "0.1.0"
 
+from llmdiff.api import compare
 from llmdiff.capture.seed import seed_all
 from llmdiff.capture.session import Capture, LlmdiffWarning, capture, save
 from llmdiff.config import CaptureConfig, make_config
 from llmdiff.errors import LlmdiffError
+from llmdiff.report.model import Report
 from llmdiff.store.reader import Dump, open_dump
 
 __all__ = [
@@ -22,8 +25,10 @@ __all__ = [
     "Dump",
     "LlmdiffError",
     "LlmdiffWarning",
+    "Report",
     "__version__",
     "capture",
+    "compare",
     "make_config",
     "open_dump",
     "save",

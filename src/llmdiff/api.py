@@ -1,0 +1,36 @@
+"""``llmdiff.compare``: the one call behind ``llmdiff compare``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmdiff.compare.align import Mapping
+from llmdiff.compare.engine import Progress, compare_dumps, options_from
+from llmdiff.report.model import Report
+from llmdiff.store.reader import Dump, open_dump
+
+
+def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float | None = None,
+            atol: float | None = None, steps: str | None = None, modules: Sequence[str] | str | None = None,
+            thresholds: dict[str, float] | None = None, mapping: Mapping | str | Path | None = None,
+            metrics: Sequence[str] = (), algorithms: Sequence[str] = (), allow_missing: bool = False,
+            workers: int | None = None, progress: Progress | None = None) -> Report:
+    """Compare two dumps and localize where the target departs from the golden.
+
+    ``rtol``/``atol`` switch the pass test to an element-wise allclose; ``thresholds`` (e.g.
+    ``{"cosine": 0.999}``) replace the dtype-aware default budget; ``steps`` (``"0-3"``) and
+    ``modules`` (regexes, ``:i`` allowed) narrow the comparison; ``mapping`` renames module paths
+    (a :class:`~llmdiff.compare.align.Mapping` or a YAML/JSON file); ``metrics`` picks the columns
+    of reports; ``algorithms`` adds user metrics (``"file.py:func"``); ``allow_missing`` lets
+    entries present on one side only not make the verdict ``"incomplete"``.
+
+    Returns a :class:`~llmdiff.report.model.Report` with ``verdict``, ``first_divergence``,
+    ``culprits``, ``tokens``, ``entries`` and ``to_markdown/to_csv/to_json/to_html(path)``.
+    """
+    options = options_from(rtol=rtol, atol=atol, steps=steps, modules=modules, thresholds=thresholds,
+                           mapping=mapping, metrics=metrics, algorithms=algorithms, allow_missing=allow_missing,
+                           workers=workers, progress=progress)
+    golden_dump = golden if isinstance(golden, Dump) else open_dump(golden)
+    target_dump = target if isinstance(target, Dump) else open_dump(target)
+    return Report(compare_dumps(golden_dump, target_dump, options))

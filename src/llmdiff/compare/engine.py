@@ -1,0 +1,322 @@
+"""The comparison engine: align two dumps, compare pairs in parallel, localize, decide.
+
+Tensors are streamed pair by pair from memory-mapped safetensors shards by a small thread pool
+(PyTorch releases the GIL in its kernels), with a bounded number of pairs in flight, so peak memory
+stays near a few of the largest tensor pairs whatever the size of the dumps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmdiff.compare.align import EntryPair, Mapping, align, squeezed_shape
+from llmdiff.compare.localize import analyze_tokens, find_culprits, first_divergence
+from llmdiff.compare.metrics import TENSOR_METRICS, Pair, logits_metrics, mismatches
+from llmdiff.compare.results import (
+    DIVERGED,
+    FAIL,
+    FAILING,
+    INCOMPLETE,
+    MATCH,
+    MISSING,
+    MISSING_IN_GOLDEN,
+    MISSING_IN_TARGET,
+    NOT_COMPARABLE,
+    PASS,
+    SHAPE_MISMATCH,
+    TOKENS_DIFFER,
+    Comparison,
+    EntryResult,
+)
+from llmdiff.compare.tolerance import KL_BUDGET, REL_L2_BUDGET, Tolerance, lower_precision
+from llmdiff.config import ModulePattern, StepSet
+from llmdiff.errors import LlmdiffError, UsageError
+from llmdiff.store.reader import Dump
+from llmdiff.store.schema import Entry
+
+#: A user metric: ``func(golden, target) -> float`` or ``-> (float, message)`` (msIT's signature).
+Algorithm = Callable[[torch.Tensor, torch.Tensor], Any]
+Progress = Callable[[int, int], None]
+
+_LOGITS_MODULE = re.compile(r"(^|\.)(lm_head|logits)$")
+
+
+@dataclass
+class Options:
+    """Everything that changes how two dumps are compared (the CLI flags, one to one)."""
+
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    steps: StepSet | None = None
+    modules: tuple[ModulePattern, ...] = ()
+    mapping: Mapping | None = None
+    metrics: tuple[str, ...] = ()
+    algorithms: dict[str, Algorithm] = field(default_factory=dict)
+    allow_missing: bool = False
+    workers: int | None = None
+    progress: Progress | None = None
+
+
+def load_algorithm(spec: str) -> tuple[str, Algorithm]:
+    """Load ``file.py:func`` (the user's own code, never a dump's)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise UsageError(f"--algorithm: expected FILE.py:FUNCTION, got {spec!r}")
+    if not Path(path).is_file():
+        raise UsageError(f"--algorithm: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"llmdiff_user_metric_{Path(path).stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise UsageError(f"--algorithm: cannot load {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"--algorithm: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    func = getattr(module, name, None)
+    if not callable(func):
+        raise UsageError(f"--algorithm: {path} has no function {name!r}")
+    return name, func
+
+
+def is_logits(entry: Entry) -> bool:
+    return (entry.part == "output" and len(entry.shape) >= 1 and entry.shape[-1] > 1
+            and (entry.path.split(".")[-1] == "logits" or bool(_LOGITS_MODULE.search(entry.module))))
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat"))
+
+
+class _Comparer:
+    def __init__(self, golden: Dump, target: Dump, options: Options) -> None:
+        self.golden, self.target, self.options = golden, target, options
+
+    def result(self, index: int, pair: EntryPair, tokens_differ: set[tuple[int, int]]) -> EntryResult:
+        g, t = pair.golden, pair.target
+        any_entry = pair.any
+        result = EntryResult(index=index, rank=any_entry.rank, step=any_entry.step, module=any_entry.module,
+                             call=any_entry.call, part=any_entry.part, path=any_entry.path, name=any_entry.name,
+                             type=any_entry.type, status=PASS,
+                             golden_dtype=g.dtype if g else None, target_dtype=t.dtype if t else None,
+                             golden_shape=g.shape if g else None, target_shape=t.shape if t else None,
+                             seq=(g.seq if g else -1, t.seq if t else -1))
+        if g is None or t is None:
+            result.status = MISSING_IN_GOLDEN if g is None else MISSING_IN_TARGET
+            result.reason = "only in the " + ("target" if g is None else "golden")
+            result.kind = "none"
+            return result
+        result.logits = is_logits(g)
+        dtype = lower_precision(g.dtype, t.dtype)
+        result.budget = REL_L2_BUDGET[dtype]
+        if g.shape != t.shape and squeezed_shape(g.shape) != squeezed_shape(t.shape):
+            result.status, result.kind = SHAPE_MISMATCH, "none"
+            result.reason = f"shape {g.shape} vs {t.shape}"
+            return result
+        if g.data is not None and t.data is not None:
+            self._compare_tensors(result, g, t, dtype)
+        elif g.stats and t.stats:
+            self._compare_stats(result, g.stats, t.stats, dtype)
+        else:
+            result.status, result.kind = NOT_COMPARABLE, "none"
+            result.reason = g.note or t.note or "no data or statistics on one side"
+            return result
+        if (result.rank, result.step) in tokens_differ:
+            result.status = TOKENS_DIFFER
+            result.reason = "the two runs were fed different tokens at this step"
+        return result
+
+    def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str) -> None:
+        golden = self.golden.load(g)
+        target = self.target.load(t)
+        if golden.shape != target.shape:
+            target = target.reshape(golden.shape)
+        if not (_is_float(g.dtype) and _is_float(t.dtype)):
+            different = int((golden.to(torch.float64) != target.to(torch.float64)).sum())
+            result.metrics = {"mismatches": different}
+            result.error = 0.0 if different == 0 else float("inf")
+            if different:
+                result.status, result.reason = FAIL, f"{different} of {golden.numel()} values differ"
+            return
+        pair = Pair(golden, target)
+        metrics: dict[str, Any] = {name: fn(pair) for name, fn in TENSOR_METRICS.items()}
+        rtol, atol = self.options.tolerance.allclose_tolerances(dtype)
+        metrics["mismatches"] = mismatches(pair, rtol, atol)
+        metrics["nonfinite_mismatch"] = pair.nonfinite_mismatch
+        if result.logits:
+            metrics.update(logits_metrics(golden, target))
+        for name, func in self.options.algorithms.items():
+            metrics[name] = _run_algorithm(name, func, golden, target)
+        result.metrics = metrics
+        result.error = metrics["rel_l2"]
+        tolerance = self.options.tolerance
+        if result.logits and not (tolerance.thresholds or tolerance.allclose):
+            # Softmax ignores a constant shift of the logits, so rel_l2 and cosine of raw logits overstate
+            # differences that change nothing: logits are judged by their distributions (KL) instead.
+            ok, reason = not metrics["nonfinite_mismatch"], f"{metrics['nonfinite_mismatch']} NaN/Inf mismatches"
+            if ok and not metrics["kl_max"] <= KL_BUDGET[dtype]:
+                ok, reason = False, f"logits KL {metrics['kl_max']:.3g} > {KL_BUDGET[dtype]:g} ({dtype} budget)"
+        else:
+            ok, reason = tolerance.judge(metrics, dtype)
+        if not ok:
+            result.status, result.reason = FAIL, reason
+
+    def _compare_stats(self, result: EntryResult, gs: dict[str, Any], ts: dict[str, Any], dtype: str) -> None:
+        result.kind = "stats"
+
+        def rel(name: str) -> float | None:
+            a, b = gs.get(name), ts.get(name)
+            if a is None or b is None:
+                return None
+            return abs(b - a) / abs(a) if a else (0.0 if b == a else float("inf"))
+
+        metrics: dict[str, Any] = {"norm_rel": rel("norm"), "std_rel": rel("std")}
+        for name in ("min", "max", "mean"):
+            a, b = gs.get(name), ts.get(name)
+            metrics[f"{name}_diff"] = None if a is None or b is None else abs(b - a)
+        metrics["nonfinite_mismatch"] = abs((ts.get("nan") or 0) - (gs.get("nan") or 0)) + abs(
+            (ts.get("inf") or 0) - (gs.get("inf") or 0))
+        if "hash" in gs and "hash" in ts:
+            metrics["hash_equal"] = int(gs["hash"] == ts["hash"])
+        result.metrics = metrics
+        result.error = metrics["norm_rel"]
+        ok, reason = self.options.tolerance.judge(metrics, dtype)
+        if not ok:
+            result.status, result.reason = FAIL, reason
+
+
+def _run_algorithm(name: str, func: Algorithm, golden: torch.Tensor, target: torch.Tensor) -> float | None:
+    try:
+        value = func(golden, target)
+    except Exception as exc:
+        raise LlmdiffError(f"--algorithm {name} failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(value, tuple):
+        value = value[0]
+    return None if value is None else float(value)
+
+
+def _step_token_ids(dump: Dump, mapping_steps: StepSet | None) -> dict[tuple[int, int], Any]:
+    return {(s.rank, s.step): s.token_ids for s in dump.steps
+            if s.token_ids is not None and (mapping_steps is None or s.step in mapping_steps)}
+
+
+def _steps_after_token_mismatch(golden_ids: dict[tuple[int, int], Any],
+                                target_ids: dict[tuple[int, int], Any]) -> set[tuple[int, int]]:
+    """Steps fed different tokens, and every later step of that rank: their context (KV cache) differs."""
+    first: dict[int, int] = {}
+    for rank, step in sorted(golden_ids.keys() & target_ids.keys()):
+        if golden_ids[(rank, step)] != target_ids[(rank, step)]:
+            first.setdefault(rank, step)
+    return {(rank, step) for rank, step in golden_ids.keys() | target_ids.keys()
+            if rank in first and step >= first[rank]}
+
+
+def _in_flight(pool: ThreadPoolExecutor, items: Iterable[tuple[int, EntryPair]], work: Callable[..., EntryResult],
+               limit: int, extra: Any) -> Iterable[EntryResult]:
+    """Run ``work`` over ``items`` with at most ``limit`` pending futures, yielding results in order."""
+    pending: list[Future[EntryResult]] = []
+    for index, pair in items:
+        pending.append(pool.submit(work, index, pair, extra))
+        if len(pending) >= limit:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
+
+
+def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) -> Comparison:
+    """Compare two opened dumps. See :func:`llmdiff.compare` for the options."""
+    options = options or Options()
+    pairs = align(golden.entries, target.entries, options.mapping, options.steps, options.modules)
+    golden_ids, target_ids = _step_token_ids(golden, options.steps), _step_token_ids(target, options.steps)
+    tokens_differ = _steps_after_token_mismatch(golden_ids, target_ids)
+    workers = options.workers or min(8, os.cpu_count() or 1)
+    comparer = _Comparer(golden, target, options)
+    entries: list[EntryResult] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmdiff-compare") as pool:
+        for result in _in_flight(pool, enumerate(pairs), comparer.result, 2 * workers, tokens_differ):
+            entries.append(result)
+            if options.progress:
+                options.progress(len(entries), len(pairs))
+    golden.close()
+    target.close()
+
+    tokens = analyze_tokens(entries, golden_ids, target_ids, dict(options.tolerance.thresholds))
+    culprits, had_inputs = find_culprits(entries)
+    first = first_divergence(entries)
+    notes: list[str] = []
+    missing = [e for e in entries if e.status in MISSING]
+    flip = tokens.first_flip
+    departure = flip is not None and flip.get("near_tie") is not True
+    if missing and not options.allow_missing:
+        verdict = INCOMPLETE
+    elif first is not None or departure or tokens.first_input_mismatch == 0 or any(c.confirmed for c in culprits):
+        verdict = DIVERGED
+    else:
+        verdict = MATCH
+    if missing:
+        notes.append(f"{len(missing)} entries are present on one side only"
+                     + ("" if options.allow_missing else " (verdict 'incomplete'; narrow with --modules/--steps "
+                        "or pass --allow-missing)"))
+    if flip is not None and flip.get("near_tie"):
+        notes.append(f"the greedy token flips at step {flip['step']} at a near-tie (golden margin "
+                     f"{flip['golden_margin']:.3g} <= 2 x logit error {flip['logit_error']:.3g}): "
+                     "consistent with precision noise")
+    if any(e.status == TOKENS_DIFFER for e in entries):
+        notes.append("steps fed different tokens are marked tokens_differ and do not decide the verdict")
+    if any(e.kind == "stats" for e in entries):
+        notes.append("some entries hold statistics only: they are compared by norm, mean, min/max and NaN/Inf "
+                     "counts; element-wise metrics need mode='tensor'")
+    if not had_inputs and any(e.status in FAILING for e in entries):
+        notes.append("module inputs were not captured, so culprits cannot be told from victims: capture with "
+                     "parts='both'")
+    metric_names = list(options.metrics) or [*TENSOR_METRICS, "mismatches"]
+    metric_names += [name for name in options.algorithms if name not in metric_names]
+    tol = options.tolerance
+    settings = {"rtol": tol.rtol, "atol": tol.atol, "thresholds": dict(tol.thresholds),
+                "steps": None if options.steps is None else str(options.steps),
+                "modules": [str(m) for m in options.modules], "allow_missing": options.allow_missing,
+                "rel_l2_budgets": REL_L2_BUDGET, "kl_budgets": KL_BUDGET}
+    return Comparison(verdict=verdict, golden=str(golden.path), target=str(target.path), first_divergence=first,
+                      culprits=culprits if verdict != INCOMPLETE or culprits else [], tokens=tokens,
+                      entries=entries, settings=settings, notes=notes,
+                      problems=[f"golden: {p}" for p in golden.problems] + [f"target: {p}" for p in target.problems],
+                      metric_names=metric_names)
+
+
+def options_from(rtol: float | None = None, atol: float | None = None, steps: str | None = None,
+                 modules: Sequence[str] | str | None = None, thresholds: dict[str, float] | None = None,
+                 mapping: Mapping | str | Path | None = None, metrics: Sequence[str] = (),
+                 algorithms: Sequence[str] = (), allow_missing: bool = False, workers: int | None = None,
+                 progress: Progress | None = None) -> Options:
+    """Validate user-facing options into :class:`Options`."""
+    from llmdiff.compare.align import load_mapping
+    from llmdiff.config import parse_modules, parse_steps
+
+    if isinstance(modules, str):
+        modules = [m for m in modules.split(",") if m]
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not value >= 0:
+            raise UsageError(f"--{name}: expected a non-negative number, got {value}")
+    known = set(TENSOR_METRICS) | {"mismatches", "kl", "kl_max", "top1_agree", "golden_margin", "norm_rel"}
+    loaded = dict(load_algorithm(spec) for spec in algorithms)
+    unknown = [m for m in metrics if m not in known and m not in loaded]
+    if unknown:
+        raise UsageError(f"--metric: unknown metric(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return Options(
+        tolerance=Tolerance(rtol=rtol, atol=atol, thresholds=thresholds or {}),
+        steps=None if steps is None else parse_steps(steps, "--steps"),
+        modules=parse_modules(list(modules or []), "--modules"),
+        mapping=load_mapping(mapping) if isinstance(mapping, (str, Path)) else mapping,
+        metrics=tuple(metrics),
+        algorithms=loaded,
+        allow_missing=allow_missing,
+        workers=workers,
+        progress=progress,
+    )

@@ -1,0 +1,239 @@
+"""Localization: the first diverging token, the first failing entry, and the modules that introduced error.
+
+Culprits
+--------
+For every module call with compared inputs and outputs:
+
+* ``input_error``  = the largest relative L2 error among its floating-point inputs (integer inputs
+  such as token ids are exact, so an embedding starts from zero);
+* ``output_error`` = the largest among its outputs;
+* ``introduced``   = ``sqrt(max(output_error² - input_error², 0))``: the part of the output error the
+  carried input error does not account for, new error being independent of the carried one (true
+  of rounding);
+* ``ratio``        = ``introduced / max(input_error, u)``, with ``u`` the unit roundoff of the
+  lower-precision dtype: what the call adds, in units of what it was given (or of one rounding);
+* ``expected``     = ``max(input_error, u) * max(1, median ratio of its peers)``, the peers being
+  the same module in the other layers of the same step (``layers.#.mlp``). Ratios, not raw errors,
+  are compared, so modules downstream of a fault, which amplify the large error they receive, do
+  not raise the bar for the faulty one.
+
+``score = introduced / expected``, and 0 at a step where the call's direct children, added in
+quadrature, introduced at least half its error (they explain it: a parent is not blamed for a
+child). Scores are then gathered per (rank, module, call) over the steps it ran in. It is a culprit
+
+* at a *boundary*: inputs agree within tolerance, outputs do not, and ``score >= BOUNDARY``;
+* when *consistent*: median score >= ``CONSISTENT`` over at least 3 steps — a real fault shows at
+  every step, while healthy low-precision noise rarely spikes twice in the same place;
+* on a *spike*: a single-step score >= ``SPIKE`` (or >= ``JUMP`` when fewer than 3 steps were
+  captured, so no consistency can be seen).
+
+Boundary and consistent culprits are *confirmed* (they make the verdict "diverged"); spikes are
+listed as suspects only. Culprits are ranked boundary first, then by median score, then by the
+step's score. Thresholds were set on healthy bf16-vs-fp32 runs of SmolLM2-135M (32 steps): the
+highest per-module median score there was 1.7, the 99.9th percentile of single-step scores 6.9.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmdiff.compare.results import FAIL, FAILING, PASS, Culprit, EntryResult, Tokens, TokenStep
+from llmdiff.compare.tolerance import KL_BUDGET, lower_precision, unit_roundoff
+
+JUMP = 6.0
+BOUNDARY = 2.0
+SPIKE = 8.0
+CONSISTENT = 2.5
+CHILD_EXPLAINS = 0.5
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def role(module: str) -> str:
+    """A module's role, the same in every layer: ``model.layers.3.mlp`` → ``model.layers.#.mlp``."""
+    return _LAYER_INDEX.sub("#", module)
+
+
+@dataclass
+class ModuleCall:
+    rank: int
+    step: int
+    module: str
+    call: int
+    first: int
+    last: int
+    inputs: list[EntryResult] = field(default_factory=list)
+    outputs: list[EntryResult] = field(default_factory=list)
+    input_error: float = 0.0
+    output_error: float = 0.0
+    introduced: float = 0.0
+    expected: float = 0.0
+    boundary: bool = False
+    dtypes: list[str] = field(default_factory=list)
+
+    def contains(self, other: ModuleCall) -> bool:
+        prefix = self.module + "." if self.module else ""
+        return (other is not self and other.module.startswith(prefix) and other.module != self.module
+                and self.first <= other.first and other.last <= self.last)
+
+
+def _float(entry: EntryResult) -> bool:
+    return entry.error is not None and (entry.golden_dtype or "").startswith(("float", "bfloat"))
+
+
+def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
+    """Group compared entries into module calls that have both inputs and outputs."""
+    calls: dict[tuple[int, int, str, int], ModuleCall] = {}
+    for e in entries:
+        if e.status not in (PASS, FAIL) or e.part == "save":
+            continue
+        key = (e.rank, e.step, e.module, e.call)
+        call = calls.get(key)
+        if call is None:
+            call = calls[key] = ModuleCall(e.rank, e.step, e.module, e.call, e.index, e.index)
+        call.first, call.last = min(call.first, e.index), max(call.last, e.index)
+        (call.inputs if e.is_input else call.outputs).append(e)
+    result = []
+    for call in calls.values():
+        float_outputs = [e for e in call.outputs if _float(e)]
+        if not float_outputs:
+            continue
+        call.input_error = max((e.error or 0.0 for e in call.inputs if _float(e)), default=0.0)
+        call.output_error = max(e.error or 0.0 for e in float_outputs)
+        if not all(math.isfinite(x) for x in (call.input_error, call.output_error)):
+            continue
+        call.introduced = math.sqrt(max(call.output_error**2 - call.input_error**2, 0.0))
+        call.dtypes = [d for e in float_outputs for d in (e.golden_dtype or "", e.target_dtype or "")]
+        inputs_ok = all(e.status == PASS for e in call.inputs)
+        call.boundary = bool(call.inputs) and inputs_ok and any(e.status == FAIL for e in float_outputs)
+        result.append(call)
+    return result
+
+
+def _direct_children(parent: ModuleCall, calls: Sequence[ModuleCall]) -> list[ModuleCall]:
+    inner = [c for c in calls if parent.contains(c)]
+    return [c for c in inner if not any(o.contains(c) for o in inner)]
+
+
+def _step_scores(calls: Sequence[ModuleCall]) -> dict[int, float]:
+    """Per call (by id): introduced / expected, or 0 where direct children explain the error."""
+    ratios: dict[tuple[int, int, str], list[float]] = {}
+    by_step: dict[tuple[int, int], list[ModuleCall]] = {}
+    for c in calls:
+        c.expected = max(c.input_error, unit_roundoff(*c.dtypes))
+        ratios.setdefault((c.rank, c.step, role(c.module)), []).append(c.introduced / c.expected)
+        by_step.setdefault((c.rank, c.step), []).append(c)
+    scores = {}
+    for c in calls:
+        group = ratios[(c.rank, c.step, role(c.module))]
+        if len(group) >= 3:
+            c.expected *= max(1.0, statistics.median(group))
+        children = _direct_children(c, by_step[(c.rank, c.step)])
+        explained = math.sqrt(sum(d.introduced**2 for d in children)) >= CHILD_EXPLAINS * c.introduced
+        scores[id(c)] = 0.0 if explained or not c.introduced else c.introduced / c.expected
+        c.boundary = c.boundary and scores[id(c)] >= BOUNDARY
+    return scores
+
+
+def find_culprits(entries: Sequence[EntryResult], limit: int = 10) -> tuple[list[Culprit], bool]:
+    """Rank module calls by the error they introduced. Also says whether any call had inputs to judge by."""
+    calls = module_calls(entries)
+    scores = _step_scores(calls)
+    series: dict[tuple[int, str, int], list[ModuleCall]] = {}
+    for c in calls:
+        series.setdefault((c.rank, c.module, c.call), []).append(c)
+    found = []
+    for steps in series.values():
+        values = [scores[id(c)] for c in steps]
+        median = statistics.median(values)
+        worst = max(steps, key=lambda c: (c.boundary, scores[id(c)]))
+        score = scores[id(worst)]
+        if worst.boundary:
+            kind, reason = 0, "inputs agree within tolerance, outputs do not"
+        elif len(steps) >= 3 and median >= CONSISTENT:
+            kind, reason = 1, f"adds {median:.1f}x the error its inputs, peers and dtype account for, at every step"
+        elif score >= (SPIKE if len(steps) >= 3 else JUMP):
+            kind, reason = 2, f"adds {score:.1f}x the error its inputs, peers and dtype account for"
+        else:
+            continue
+        found.append((kind, median, worst, score, reason, sum(1 for v in values if v >= CONSISTENT)))
+    found.sort(key=lambda f: (f[0], -f[1], -f[3], f[2].step, f[2].first))
+    culprits = [Culprit(rank=c.rank, step=c.step, module=c.module, call=c.call, score=round(score, 3),
+                        input_error=c.input_error, output_error=c.output_error, introduced_error=c.introduced,
+                        expected_error=c.expected, reason=reason, steps=max(count, 1), confirmed=kind < 2)
+                for kind, _, c, score, reason, count in found[:limit]]
+    return culprits, any(c.inputs for c in calls)
+
+
+def first_divergence(entries: Sequence[EntryResult]) -> dict[str, Any] | None:
+    """The earliest failing entry in execution order (by step, then order within the step)."""
+    failing = [e for e in entries if e.status in FAILING]
+    if not failing:
+        return None
+    e = min(failing, key=lambda x: (x.step, x.index))
+    return {"rank": e.rank, "step": e.step, "module": e.module, "call": e.call, "part": e.part, "path": e.path,
+            "name": e.name, "status": e.status, "reason": e.reason, "metrics": e.metrics}
+
+
+def _pick_logits(entries: Sequence[EntryResult]) -> list[EntryResult]:
+    logits = [e for e in entries if e.logits and e.metrics.get("kl") is not None]
+    if not logits:
+        return []
+    # One logits tensor per step: prefer the model's own output over the lm_head module's.
+    preferred = min({e.name.split(":")[0] for e in logits}, key=lambda m: (m != "<root>", m))
+    return [e for e in logits if e.name.split(":")[0] == preferred]
+
+
+def _int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def analyze_tokens(entries: Sequence[EntryResult], golden_ids: dict[tuple[int, int], Any],
+                   target_ids: dict[tuple[int, int], Any], thresholds: dict[str, float]) -> Tokens:
+    """Per-step logits comparison, the first step out of budget and the first greedy-token flip."""
+    tokens = Tokens()
+    steps: dict[tuple[int, int], TokenStep] = {}
+    parted: set[int] = set()  # ranks whose runs were fed different tokens: later steps differ in context too
+    for key in sorted(set(golden_ids) & set(target_ids), key=lambda k: (k[1], k[0])):
+        if golden_ids[key] != target_ids[key]:
+            parted.add(key[0])
+        steps[key] = TokenStep(rank=key[0], step=key[1], inputs_match=key[0] not in parted)
+    logits = _pick_logits(entries)
+    if logits:
+        tokens.logits_entry = logits[0].name
+        dtype = lower_precision(logits[0].golden_dtype or "", logits[0].target_dtype or "")
+        cos_min = thresholds.get("cosine", 0.0)
+        kl_max = thresholds.get("kl", KL_BUDGET[dtype])
+        tokens.budget = {"kl": kl_max, **({"cosine": cos_min} if "cosine" in thresholds else {})}
+        for e in logits:
+            m = e.metrics
+            ts = steps.setdefault((e.rank, e.step), TokenStep(rank=e.rank, step=e.step))
+            ts.golden_token, ts.target_token = _int(m.get("golden_token")), _int(m.get("target_token"))
+            ts.cosine, ts.kl, ts.kl_max = m.get("cosine"), m.get("kl"), m.get("kl_max")
+            ts.top1_agree, ts.golden_margin = m.get("top1_agree"), m.get("golden_margin")
+            ts.logit_error = m.get("last_logit_err")
+            ts.within_budget = (ts.cosine or 0.0) >= cos_min and (ts.kl_max or 0.0) <= kl_max
+            ts.flip = ts.golden_token != ts.target_token
+            if ts.flip:
+                # A gap smaller than twice the largest logit error can be closed by that error alone.
+                ts.near_tie = bool(ts.within_budget and (ts.golden_margin or 0.0) <= 2 * (ts.logit_error or 0.0))
+    tokens.steps = [steps[k] for k in sorted(steps, key=lambda k: (k[1], k[0]))]
+    for ts in tokens.steps:
+        if tokens.first_input_mismatch is None and ts.inputs_match is False:
+            tokens.first_input_mismatch = ts.step
+        if tokens.first_out_of_budget is None and ts.within_budget is False and ts.inputs_match is not False:
+            tokens.first_out_of_budget = ts.step
+        if tokens.first_flip is None and ts.flip:
+            tokens.first_flip = {"rank": ts.rank, "step": ts.step, "golden_token": ts.golden_token,
+                                 "target_token": ts.target_token, "golden_margin": ts.golden_margin,
+                                 "logit_error": ts.logit_error, "near_tie": ts.near_tie}
+    if tokens.first_flip is None and tokens.first_input_mismatch:
+        # No logits captured: the fed tokens tell where generation parted (one step earlier).
+        step = tokens.first_input_mismatch - 1
+        tokens.first_flip = {"rank": 0, "step": step, "golden_token": None, "target_token": None,
+                             "golden_margin": None, "logit_error": None, "near_tie": None}
+    return tokens

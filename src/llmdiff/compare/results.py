@@ -1,0 +1,191 @@
+"""The results of a comparison: plain data, the contract behind every report (see docs/report.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_SCHEMA_VERSION = 1
+
+# Entry statuses. Only PASS counts as agreement; the missing ones make a verdict "incomplete".
+PASS = "pass"
+FAIL = "fail"
+SHAPE_MISMATCH = "shape_mismatch"
+MISSING_IN_GOLDEN = "missing_in_golden"
+MISSING_IN_TARGET = "missing_in_target"
+TOKENS_DIFFER = "tokens_differ"
+NOT_COMPARABLE = "not_comparable"
+STATUSES = (PASS, FAIL, SHAPE_MISMATCH, MISSING_IN_GOLDEN, MISSING_IN_TARGET, TOKENS_DIFFER, NOT_COMPARABLE)
+FAILING = frozenset({FAIL, SHAPE_MISMATCH})
+MISSING = frozenset({MISSING_IN_GOLDEN, MISSING_IN_TARGET})
+
+MATCH, DIVERGED, INCOMPLETE = "match", "diverged", "incomplete"
+
+Number = float | int | None
+
+
+def clean(value: Any) -> Any:
+    """JSON has no NaN/Infinity: write them as strings a reader can turn back with float()."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    return value
+
+
+@dataclass
+class EntryResult:
+    """The comparison of one aligned key. ``error`` is the rel_l2 (or, for statistics, norm_rel)
+    that localization works with; ``budget`` the rel_l2 budget of the pair's lower-precision dtype."""
+
+    index: int
+    rank: int
+    step: int
+    module: str
+    call: int
+    part: str
+    path: str
+    name: str
+    type: str
+    status: str
+    reason: str = ""
+    golden_dtype: str | None = None
+    target_dtype: str | None = None
+    golden_shape: list[int] | None = None
+    target_shape: list[int] | None = None
+    kind: str = "tensor"  # tensor | stats | none
+    logits: bool = False
+    metrics: dict[str, Number] = field(default_factory=dict)
+    error: float | None = None
+    budget: float | None = None
+    seq: tuple[int, int] = (0, 0)  # golden and target execution order, for localization
+
+    @property
+    def is_input(self) -> bool:
+        return self.part in ("input", "kwarg")
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        del record["seq"]
+        return clean(record)
+
+
+@dataclass
+class TokenStep:
+    """Logits of one step (the last position is the next-token distribution under ``generate``)."""
+
+    rank: int
+    step: int
+    golden_token: int | None = None
+    target_token: int | None = None
+    inputs_match: bool | None = None
+    cosine: float | None = None
+    kl: float | None = None
+    kl_max: float | None = None
+    top1_agree: float | None = None
+    golden_margin: float | None = None
+    logit_error: float | None = None
+    within_budget: bool | None = None
+    flip: bool = False
+    near_tie: bool | None = None
+
+
+@dataclass
+class Tokens:
+    steps: list[TokenStep] = field(default_factory=list)
+    logits_entry: str | None = None
+    first_out_of_budget: int | None = None
+    first_flip: dict[str, Any] | None = None
+    first_input_mismatch: int | None = None
+    budget: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Culprit:
+    """A module call ranked by the error it introduced (see :mod:`llmdiff.compare.localize`)."""
+
+    rank: int
+    step: int
+    module: str
+    call: int
+    score: float
+    input_error: float
+    output_error: float
+    introduced_error: float
+    expected_error: float
+    reason: str
+    steps: int = 1
+    confirmed: bool = True
+
+
+@dataclass
+class Comparison:
+    """Everything a comparison found. Reports render it; ``to_json`` is the stable contract."""
+
+    verdict: str
+    golden: str
+    target: str
+    first_divergence: dict[str, Any] | None
+    culprits: list[Culprit]
+    tokens: Tokens
+    entries: list[EntryResult]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    metric_names: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for entry in self.entries:
+            counts[entry.status] = counts.get(entry.status, 0) + 1
+        counts["total"] = len(self.entries)
+        return counts
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == MATCH else 1
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """Steps, modules and tensors, each as matching / mismatched / missing counts."""
+        def bucket(statuses: list[str]) -> str:
+            if any(s in FAILING or s == TOKENS_DIFFER for s in statuses):
+                return "mismatched"
+            if any(s in MISSING or s == NOT_COMPARABLE for s in statuses):
+                return "missing"
+            return "matching"
+
+        groups: dict[str, dict[Any, list[str]]] = {"steps": {}, "modules": {}, "tensors": {}}
+        for e in self.entries:
+            groups["steps"].setdefault((e.rank, e.step), []).append(e.status)
+            groups["modules"].setdefault((e.rank, e.module), []).append(e.status)
+            groups["tensors"].setdefault(e.index, []).append(e.status)
+        rows = []
+        for level, members in groups.items():
+            row: dict[str, Any] = {"level": level, "total": len(members), "matching": 0, "mismatched": 0,
+                                   "missing": 0}
+            for statuses in members.values():
+                row[bucket(statuses)] += 1
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return clean({
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
+            "golden": self.golden,
+            "target": self.target,
+            "first_divergence": self.first_divergence,
+            "culprits": [asdict(c) for c in self.culprits],
+            "tokens": asdict(self.tokens),
+            "summary": {"counts": self.counts, "levels": self.summary_rows()},
+            "settings": self.settings,
+            "notes": self.notes,
+            "problems": self.problems,
+            "metric_names": self.metric_names,
+            "entries": [e.to_json() for e in self.entries],
+        })

@@ -1,0 +1,91 @@
+"""``Report``: a comparison plus the ways to write it out. The data itself is
+:class:`llmdiff.compare.results.Comparison`; the JSON contract is documented in docs/report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmdiff.compare.results import Comparison, Culprit, EntryResult, Tokens
+from llmdiff.errors import UsageError
+
+FORMATS = {".md": "markdown", ".csv": "csv", ".json": "json", ".html": "html", ".htm": "html"}
+
+
+class Report:
+    """The result of :func:`llmdiff.compare`. Truthy when the runs match."""
+
+    def __init__(self, comparison: Comparison) -> None:
+        self.comparison = comparison
+
+    @property
+    def verdict(self) -> str:
+        return self.comparison.verdict
+
+    @property
+    def first_divergence(self) -> dict[str, Any] | None:
+        return self.comparison.first_divergence
+
+    @property
+    def culprits(self) -> list[Culprit]:
+        return self.comparison.culprits
+
+    @property
+    def tokens(self) -> Tokens:
+        return self.comparison.tokens
+
+    @property
+    def entries(self) -> list[EntryResult]:
+        return self.comparison.entries
+
+    @property
+    def exit_code(self) -> int:
+        return self.comparison.exit_code
+
+    def __bool__(self) -> bool:
+        return self.verdict == "match"
+
+    def __repr__(self) -> str:
+        return f"<Report {self.verdict}: {len(self.entries)} entries, {len(self.culprits)} culprits>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.comparison.to_json()
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        return _write(text, path)
+
+    def to_markdown(self, path: str | Path | None = None, verbose: bool = False) -> str:
+        from llmdiff.report.markdown import render_markdown
+
+        return _write(render_markdown(self.comparison, verbose=verbose), path)
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        from llmdiff.report.csv import render_csv
+
+        return _write(render_csv(self.comparison), path)
+
+    def to_html(self, path: str | Path | None = None) -> str:
+        from llmdiff.report.html import render_html
+
+        return _write(render_html(self.comparison), path)
+
+    def save(self, path: str | Path, verbose: bool = False) -> None:
+        """Write the report in the format its extension names (.md, .csv, .json, .html)."""
+        fmt = FORMATS.get(Path(path).suffix.lower())
+        if fmt is None:
+            raise UsageError(f"-o: cannot tell the format of {path}; use .md, .csv, .json or .html")
+        if fmt == "markdown":
+            self.to_markdown(path, verbose=verbose)
+        else:
+            getattr(self, f"to_{fmt}")(path)
+
+
+def _write(text: str, path: str | Path | None) -> str:
+    if path is not None:
+        try:
+            Path(path).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    return text
