@@ -122,6 +122,73 @@ def show(dump: Path) -> None:
     print_summary(summarize(open_dump(dump)), console)
 
 
+def split_patterns(values: tuple[str, ...]) -> list[str]:
+    """Split ``"a,b"`` into regexes at commas outside ``{}``/``[]``/``()`` (so ``x{1,2}`` survives)."""
+    out: list[str] = []
+    for value in values:
+        depth, start = 0, 0
+        for i, ch in enumerate(value):
+            if ch in "{[(":
+                depth += 1
+            elif ch in "}])":
+                depth -= 1
+            if ch == "," and depth == 0:
+                out.append(value[start:i])
+                start = i + 1
+        out.append(value[start:])
+    return [p for p in out if p]
+
+
+@cli.command()
+@click.argument("golden", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "outputs", multiple=True, type=click.Path(path_type=Path),
+              help="Write a report; the extension picks the format: .md .csv .json .html (repeatable).")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), help="Also write the JSON report here.")
+@click.option("--rtol", type=float, help="Relative tolerance: switches the test to element-wise allclose.")
+@click.option("--atol", type=float, help="Absolute tolerance: switches the test to element-wise allclose.")
+@click.option("--steps", help="Only these steps: '0', '0-3', '0,2,5-7'.")
+@click.option("--modules", multiple=True, help="Only modules matching these regexes (comma-separated, ':i' ok).")
+@click.option("--metric", "metrics", multiple=True, help="Metric columns to show (repeatable).")
+@click.option("--threshold", "thresholds", multiple=True, help="NAME=VALUE limit replacing the default budget "
+              "(e.g. cosine=0.999, kl=0.005; repeatable).")
+@click.option("--algorithm", "algorithms", multiple=True, help="FILE.py:FUNCTION user metric (repeatable).")
+@click.option("--map", "mapping", type=click.Path(path_type=Path), help="YAML/JSON module renaming rules.")
+@click.option("--allow-missing", is_flag=True, help="Entries on one side only do not make the verdict incomplete.")
+@click.option("-v", "--verbose", is_flag=True, help="List every entry that does not pass.")
+def compare(golden: Path, target: Path, outputs: tuple[Path, ...], json_file: Path | None, rtol: float | None,
+            atol: float | None, steps: str | None, modules: tuple[str, ...], metrics: tuple[str, ...],
+            thresholds: tuple[str, ...], algorithms: tuple[str, ...], mapping: Path | None, allow_missing: bool,
+            verbose: bool) -> None:
+    """Compare GOLDEN and TARGET dumps. Exit 0: match, 1: diverged or incomplete, 2: bad input."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from llmdiff.api import compare as run_compare
+    from llmdiff.compare.tolerance import parse_thresholds
+    from llmdiff.report.model import FORMATS
+    from llmdiff.report.terminal import print_comparison
+
+    for path in outputs:
+        if path.suffix.lower() not in FORMATS:
+            raise LlmdiffError(f"-o: cannot tell the format of {path}; use .md, .csv, .json or .html")
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("comparing", total=None)
+        report = run_compare(golden, target, rtol=rtol, atol=atol, steps=steps, modules=split_patterns(modules),
+                             thresholds=parse_thresholds(thresholds), mapping=mapping, metrics=metrics,
+                             algorithms=algorithms, allow_missing=allow_missing,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    print_comparison(report.comparison, console, verbose=verbose)
+    for path in outputs:
+        report.save(path, verbose=verbose)
+        console.print(f"report: {path}")
+    if json_file is not None:
+        report.to_json(json_file)
+        console.print(f"report: {json_file}")
+    sys.exit(report.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn :class:`LlmdiffError` into one line and exit code 2."""
     try:

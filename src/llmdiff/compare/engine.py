@@ -47,6 +47,9 @@ from llmdiff.store.schema import Entry
 Algorithm = Callable[[torch.Tensor, torch.Tensor], Any]
 Progress = Callable[[int, int], None]
 
+#: The metrics reports show by default (``--metric`` picks others; every metric is in JSON and CSV).
+DEFAULT_COLUMNS = ("cosine", "rel_l2", "sqnr_db", "max_abs", "max_rel", "mismatches")
+
 _LOGITS_MODULE = re.compile(r"(^|\.)(lm_head|logits)$")
 
 
@@ -276,7 +279,7 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     if not had_inputs and any(e.status in FAILING for e in entries):
         notes.append("module inputs were not captured, so culprits cannot be told from victims: capture with "
                      "parts='both'")
-    metric_names = list(options.metrics) or [*TENSOR_METRICS, "mismatches"]
+    metric_names = list(options.metrics) or list(DEFAULT_COLUMNS)
     metric_names += [name for name in options.algorithms if name not in metric_names]
     tol = options.tolerance
     settings = {"rtol": tol.rtol, "atol": tol.atol, "thresholds": dict(tol.thresholds),

@@ -1,0 +1,29 @@
+"""CSV report: one row per compared key, every metric a column."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from llmdiff.compare.results import Comparison
+
+FIXED = ("index", "rank", "step", "module", "call", "part", "path", "name", "type", "status", "reason",
+         "golden_dtype", "target_dtype", "golden_shape", "target_shape", "kind", "logits", "error", "budget")
+
+
+def render_csv(c: Comparison) -> str:
+    metric_columns: list[str] = []
+    for e in c.entries:
+        for name in e.metrics:
+            if name not in metric_columns:
+                metric_columns.append(name)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*FIXED, *metric_columns])
+    for e in c.entries:
+        record = e.to_json()
+        row = [record[k] for k in FIXED]
+        row = ["x".join(map(str, v)) if isinstance(v, list) else ("" if v is None else v) for v in row]
+        writer.writerow(row + ["" if record["metrics"].get(m) is None else record["metrics"][m]
+                               for m in metric_columns])
+    return out.getvalue()

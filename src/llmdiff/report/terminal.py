@@ -1,0 +1,44 @@
+"""The short summary printed by ``llmdiff compare``: the answer, the culprits, the counts."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from llmdiff.compare.results import PASS, Comparison
+from llmdiff.report.text import headline, module_label, num
+
+_STYLE = {"match": "bold green", "diverged": "bold red", "incomplete": "bold yellow"}
+
+
+def print_comparison(c: Comparison, console: Console, verbose: bool = False, top: int = 5) -> None:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    for label, text in headline(c):
+        head.add_row(label, f"[{_STYLE.get(c.verdict, 'bold')}]{text}[/]" if label == "verdict" else text)
+    console.print(head)
+    if c.culprits:
+        table = Table(title="culprits (error introduced, not inherited)", title_justify="left")
+        for col in ("#", "module", "step", "score", "in err", "out err", "steps", "reason"):
+            table.add_column(col, overflow="fold")
+        for i, k in enumerate(c.culprits[:top], 1):
+            table.add_row(str(i), module_label(k.module) + ("" if k.confirmed else " (suspect)"), str(k.step),
+                          num(k.score), num(k.input_error), num(k.output_error), str(k.steps), k.reason)
+        console.print(table)
+    counts = c.counts
+    console.print("entries: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total")
+                  + f" (of {counts['total']})")
+    if verbose:
+        table = Table(title="entries not passing", title_justify="left")
+        for col in ("step", "entry", "status", "rel_l2", "cosine", "max_abs", "reason"):
+            table.add_column(col, overflow="fold")
+        for e in c.entries:
+            if e.status != PASS:
+                table.add_row(str(e.step), e.name, e.status, num(e.metrics.get("rel_l2")),
+                              num(e.metrics.get("cosine")), num(e.metrics.get("max_abs")), e.reason)
+        console.print(table)
+    for note in c.notes:
+        console.print(f"[dim]note:[/] {note}", highlight=False)
+    for problem in c.problems:
+        console.print(f"[yellow]warning:[/] {problem}", highlight=False)

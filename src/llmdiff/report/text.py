@@ -1,0 +1,70 @@
+"""Small formatting helpers shared by the renderers (numbers, names, the headline)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from llmdiff.compare.results import Comparison, Culprit
+
+
+def num(value: Any, digits: int = 3) -> str:
+    """A metric value for humans: 3 significant digits, inf/nan spelled out, '-' for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e5:
+        return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{digits + 1}g}"
+    return f"{value:.{digits - 1}e}"
+
+
+def module_label(module: str) -> str:
+    return module or "<root>"
+
+
+def culprit_text(c: Culprit) -> str:
+    status = "" if c.confirmed else " (suspect)"
+    return (f"{module_label(c.module)} (call {c.call}, step {c.step}){status}: {c.reason}; input error "
+            f"{num(c.input_error)} -> output error {num(c.output_error)}")
+
+
+def flip_text(comparison: Comparison) -> str | None:
+    flip = comparison.tokens.first_flip
+    if flip is None:
+        return None
+    if flip.get("golden_token") is None:
+        return f"generation parts after step {flip['step']} (the fed tokens differ; no logits captured)"
+    kind = {True: "a near-tie, consistent with precision noise", False: "a real departure",
+            None: "margin unknown"}[flip.get("near_tie")]
+    return (f"step {flip['step']}: golden token {flip['golden_token']} vs target {flip['target_token']}, "
+            f"golden margin {num(flip['golden_margin'])} (logit error {num(flip['logit_error'])}): {kind}")
+
+
+def headline(comparison: Comparison) -> list[tuple[str, str]]:
+    """The answer first: verdict, token flip, first divergence, top culprit — as (label, text) rows."""
+    c = comparison
+    rows = [("verdict", c.verdict.upper())]
+    tokens = c.tokens
+    if tokens.steps:
+        budget = tokens.first_out_of_budget
+        rows.append(("first token out of budget", "none" if budget is None else f"step {budget}"))
+    flip = flip_text(c)
+    rows.append(("first token flip", flip or "none"))
+    if c.first_divergence:
+        fd = c.first_divergence
+        rows.append(("first divergence", f"step {fd['step']}, {fd['name']}: {fd['reason']}"))
+    else:
+        rows.append(("first divergence", "none: every compared tensor is within tolerance"))
+    rows.append(("culprit", culprit_text(c.culprits[0]) if c.culprits else "none"))
+    return rows
