@@ -116,26 +116,36 @@ def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
     return result
 
 
-def _direct_children(parent: ModuleCall, calls: Sequence[ModuleCall]) -> list[ModuleCall]:
-    inner = [c for c in calls if parent.contains(c)]
-    return [c for c in inner if not any(o.contains(c) for o in inner)]
+def _direct_children(calls: Sequence[ModuleCall]) -> dict[int, list[ModuleCall]]:
+    """For each call (by id), the calls directly inside it: nesting by module path and execution span."""
+    children: dict[int, list[ModuleCall]] = {id(c): [] for c in calls}
+    by_step: dict[tuple[int, int], list[ModuleCall]] = {}
+    for c in calls:
+        by_step.setdefault((c.rank, c.step), []).append(c)
+    for group in by_step.values():
+        stack: list[ModuleCall] = []
+        for c in sorted(group, key=lambda c: (c.first, -c.last, c.module.count("."))):
+            while stack and not stack[-1].contains(c):
+                stack.pop()
+            if stack:
+                children[id(stack[-1])].append(c)
+            stack.append(c)
+    return children
 
 
 def _step_scores(calls: Sequence[ModuleCall]) -> dict[int, float]:
     """Per call (by id): introduced / expected, or 0 where direct children explain the error."""
     ratios: dict[tuple[int, int, str], list[float]] = {}
-    by_step: dict[tuple[int, int], list[ModuleCall]] = {}
     for c in calls:
         c.expected = max(c.input_error, unit_roundoff(*c.dtypes))
         ratios.setdefault((c.rank, c.step, role(c.module)), []).append(c.introduced / c.expected)
-        by_step.setdefault((c.rank, c.step), []).append(c)
+    children = _direct_children(calls)
     scores = {}
     for c in calls:
         group = ratios[(c.rank, c.step, role(c.module))]
         if len(group) >= 3:
             c.expected *= max(1.0, statistics.median(group))
-        children = _direct_children(c, by_step[(c.rank, c.step)])
-        explained = math.sqrt(sum(d.introduced**2 for d in children)) >= CHILD_EXPLAINS * c.introduced
+        explained = math.sqrt(sum(d.introduced**2 for d in children[id(c)])) >= CHILD_EXPLAINS * c.introduced
         scores[id(c)] = 0.0 if explained or not c.introduced else c.introduced / c.expected
         c.boundary = c.boundary and scores[id(c)] >= BOUNDARY
     return scores
@@ -220,7 +230,7 @@ def analyze_tokens(entries: Sequence[EntryResult], golden_ids: dict[tuple[int, i
             ts.cosine, ts.kl, ts.kl_max = m.get("cosine"), m.get("kl"), m.get("kl_max")
             ts.top1_agree, ts.golden_margin = m.get("top1_agree"), m.get("golden_margin")
             ts.logit_error = m.get("last_logit_err")
-            ts.within_budget = (ts.cosine or 0.0) >= cos_min and (ts.kl_max or 0.0) <= kl_max
+            ts.within_budget = (ts.cosine or 0.0) >= cos_min and (ts.kl or 0.0) <= kl_max
             ts.flip = ts.golden_token != ts.target_token
             if ts.flip:
                 # A gap smaller than twice the largest logit error can be closed by that error alone.

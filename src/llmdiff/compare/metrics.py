@@ -1,9 +1,10 @@
 """Metrics: small pure functions over one (golden, target) pair.
 
-A metric takes a :class:`Pair` and returns one float. ``Pair`` holds the two tensors, upcast to a
-common float type and flattened, and caches what several metrics share (the difference, the norms,
-the element-wise relative errors), so computing all metrics costs a few passes, not one per metric.
-``golden`` is always the reference: relative errors divide by it.
+A metric takes the :class:`PairStats` of a pair and returns one number. ``PairStats`` holds the
+sufficient statistics of the pair (sums of squares, the dot product, extremes, counts), gathered in
+two streaming passes over fixed-size chunks, so that comparing a 100 MB tensor needs a few MB of
+scratch memory and every metric costs nothing extra. ``golden`` is always the reference: relative
+errors divide by it. Arithmetic runs in NumPy, float32 unless either side is float64 or an integer.
 
 Relative errors near zero
 -------------------------
@@ -20,12 +21,15 @@ counted in ``nonfinite_mismatch``, which fails any comparison.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from functools import cached_property
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 REL_FLOOR = 1e-3
+REL_THRESHOLDS = (1e-3, 5e-3)
+CHUNK = 1 << 20
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -35,109 +39,129 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-class Pair:
-    """Two tensors of one shape, flattened and upcast, with the intermediates metrics share."""
+@dataclass
+class PairStats:
+    """Sufficient statistics of a (golden, target) pair over the positions finite on both sides."""
 
-    def __init__(self, golden: torch.Tensor, target: torch.Tensor) -> None:
-        dtype = compute_dtype(golden.dtype, target.dtype)
-        g = golden.detach().reshape(-1).to(dtype)
-        t = target.detach().reshape(-1).to(dtype)
-        fg, ft = torch.isfinite(g), torch.isfinite(t)
-        if bool(fg.all()) and bool(ft.all()):
-            self.nonfinite_mismatch = 0
-        else:
-            both_nan = torch.isnan(g) & torch.isnan(t)
-            same_inf = torch.isinf(g) & (g == t)
-            self.nonfinite_mismatch = int((~(fg & ft) & ~both_nan & ~same_inf).sum())
-            keep = fg & ft
-            g, t = g[keep], t[keep]
-        self.golden, self.target = g, t
-
-    @cached_property
-    def diff(self) -> torch.Tensor:
-        return self.target - self.golden
-
-    @cached_property
-    def abs_diff(self) -> torch.Tensor:
-        return self.diff.abs()
-
-    @cached_property
-    def golden_norm(self) -> float:
-        return float(torch.linalg.vector_norm(self.golden))
-
-    @cached_property
-    def target_norm(self) -> float:
-        return float(torch.linalg.vector_norm(self.target))
-
-    @cached_property
-    def diff_norm(self) -> float:
-        return float(torch.linalg.vector_norm(self.diff))
-
-    @cached_property
-    def rel_errors(self) -> torch.Tensor:
-        """Element-wise ``|t - g| / max(|g|, 1e-3 * rms(g))``."""
-        n = self.golden.numel()
-        rms = self.golden_norm / math.sqrt(n) if n else 0.0
-        floor = max(REL_FLOOR * rms, torch.finfo(self.golden.dtype).tiny)
-        return self.abs_diff / self.golden.abs().clamp_min(floor)
-
-    @property
-    def empty(self) -> bool:
-        return self.golden.numel() == 0
+    n: int = 0
+    gg: float = 0.0  # sum of golden squared
+    tt: float = 0.0
+    gt: float = 0.0  # dot product
+    dd: float = 0.0  # sum of squared differences
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    max_rel: float = 0.0
+    rel_above: dict[float, int] = field(default_factory=dict)
+    mismatches: int = 0
+    nonfinite_mismatch: int = 0
 
 
-Metric = Callable[[Pair], float]
+def _chunks(golden: torch.Tensor, target: torch.Tensor) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Aligned float chunks of both sides with non-finite positions removed, and the mismatch count."""
+    dtype = compute_dtype(golden.dtype, target.dtype)
+    g_all, t_all = golden.detach().reshape(-1), target.detach().reshape(-1)
+    for start in range(0, g_all.numel(), CHUNK):
+        g = g_all[start:start + CHUNK].to(dtype).cpu().numpy()
+        t = t_all[start:start + CHUNK].to(dtype).cpu().numpy()
+        fg, ft = np.isfinite(g), np.isfinite(t)
+        if fg.all() and ft.all():
+            yield g, t, 0
+            continue
+        both_nan = np.isnan(g) & np.isnan(t)
+        same_inf = np.isinf(g) & (g == t)
+        keep = fg & ft
+        yield g[keep], t[keep], int(np.count_nonzero(~keep & ~both_nan & ~same_inf))
 
 
-def cosine(p: Pair) -> float:
+def pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0, atol: float = 0.0) -> PairStats:
+    """Gather :class:`PairStats` in two passes (the relative-error floor needs the golden's rms first);
+    ``mismatches`` counts elements failing ``|t - g| <= atol + rtol * |g|``."""
+    s = PairStats(rel_above=dict.fromkeys(REL_THRESHOLDS, 0))
+    # A tensor that fits in one chunk is converted once and kept for the second pass.
+    single = golden.numel() <= CHUNK
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    f64 = np.float64
+    for g, t, bad in _chunks(golden, target):
+        # Element-wise work in the compute dtype; every sum accumulates in float64.
+        abs_d = np.abs(t - g)
+        abs_g = np.abs(g)
+        s.n += g.size
+        s.nonfinite_mismatch += bad
+        s.gg += float(np.add.reduce(g * g, dtype=f64))
+        s.tt += float(np.add.reduce(t * t, dtype=f64))
+        s.gt += float(np.add.reduce(g * t, dtype=f64))
+        s.dd += float(np.add.reduce(abs_d * abs_d, dtype=f64))
+        if g.size:
+            s.max_abs = max(s.max_abs, float(abs_d.max()))
+            s.sum_abs += float(np.add.reduce(abs_d, dtype=f64))
+        s.mismatches += int(np.count_nonzero(abs_d > atol + rtol * abs_g)) + bad
+        if single:
+            kept.append((abs_g, abs_d, g))
+    floor = max(REL_FLOOR * math.sqrt(s.gg / s.n), 1e-300) if s.n else 1.0
+    second = kept or ((np.abs(g), np.abs(t - g), g) for g, t, _ in _chunks(golden, target))
+    for abs_g, abs_d, g in second:
+        if not g.size:
+            continue
+        rel = abs_d / np.maximum(abs_g, floor)
+        s.max_rel = max(s.max_rel, float(rel.max()))
+        for threshold in REL_THRESHOLDS:
+            s.rel_above[threshold] += int(np.count_nonzero(rel > threshold))
+    return s
+
+
+Metric = Callable[[PairStats], float]
+
+
+def cosine(s: PairStats) -> float:
     """Cosine similarity of the flattened tensors; 1.0 when both are all zeros."""
-    if p.golden_norm == 0.0 and p.target_norm == 0.0:
+    if s.gg == 0.0 and s.tt == 0.0:
         return 1.0
-    if p.golden_norm == 0.0 or p.target_norm == 0.0:
+    if s.gg == 0.0 or s.tt == 0.0:
         return 0.0
-    return min(1.0, float(torch.dot(p.golden, p.target)) / (p.golden_norm * p.target_norm))
+    return max(-1.0, min(1.0, s.gt / math.sqrt(s.gg * s.tt)))
 
 
-def rel_l2(p: Pair) -> float:
+def rel_l2(s: PairStats) -> float:
     """``||t - g|| / ||g||``; 0 when equal, inf when the golden is all zeros and the target is not."""
-    if p.diff_norm == 0.0:
+    if s.dd == 0.0:
         return 0.0
-    return p.diff_norm / p.golden_norm if p.golden_norm else math.inf
+    return math.sqrt(s.dd / s.gg) if s.gg else math.inf
 
 
-def sqnr_db(p: Pair) -> float:
+def sqnr_db(s: PairStats) -> float:
     """Signal-to-quantization-noise ratio, ``20 log10(||g|| / ||t - g||)``; inf when equal."""
-    err = rel_l2(p)
+    err = rel_l2(s)
     if err == 0.0:
         return math.inf
     return -20.0 * math.log10(err) if math.isfinite(err) else -math.inf
 
 
-def max_abs(p: Pair) -> float:
-    return 0.0 if p.empty else float(p.abs_diff.max())
+def max_abs(s: PairStats) -> float:
+    return s.max_abs
 
 
-def mean_abs(p: Pair) -> float:
-    return 0.0 if p.empty else float(p.abs_diff.mean())
+def mean_abs(s: PairStats) -> float:
+    return s.sum_abs / s.n if s.n else 0.0
 
 
-def max_rel(p: Pair) -> float:
-    return 0.0 if p.empty else float(p.rel_errors.max())
+def max_rel(s: PairStats) -> float:
+    """The largest element-wise relative error (see the module docstring for the floor)."""
+    return s.max_rel
 
 
 def frac_rel_above(threshold: float) -> Metric:
-    """A metric: the fraction of elements whose relative error exceeds ``threshold``."""
+    """A metric: the fraction of elements whose relative error exceeds ``threshold`` (1e-3 or 5e-3)."""
 
-    def metric(p: Pair) -> float:
-        return 0.0 if p.empty else float((p.rel_errors > threshold).sum()) / p.golden.numel()
+    def metric(s: PairStats) -> float:
+        return s.rel_above[threshold] / s.n if s.n else 0.0
 
     metric.__name__ = f"frac_rel_gt_{threshold:g}"
     return metric
 
 
-def mismatches(p: Pair, rtol: float, atol: float) -> int:
-    """Elements failing ``|t - g| <= atol + rtol * |g|`` (allclose with the golden as reference)."""
-    return int((p.abs_diff > atol + rtol * p.golden.abs()).sum()) + p.nonfinite_mismatch
+def mismatches(s: PairStats) -> int:
+    """Elements failing the allclose test given to :func:`pair_stats`, NaN/Inf disagreements included."""
+    return s.mismatches
 
 
 #: The element-wise metrics every tensor pair gets, by report name.
@@ -154,17 +178,24 @@ TENSOR_METRICS: dict[str, Metric] = {
 
 
 # -- logits: a softmax over the vocabulary (the last dim) at each token position ---------------------
+LOGIT_ROWS = 64
+
+
 def positions(logits: torch.Tensor) -> torch.Tensor:
-    """Logits as ``[positions, vocab]`` in float32 or float64."""
-    x = logits.detach().to(compute_dtype(logits.dtype))
-    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    """Logits as ``[positions, vocab]`` (a view where possible)."""
+    return logits.detach().reshape(-1, logits.shape[-1]) if logits.dim() else logits.detach().reshape(1, 1)
 
 
 def kl_per_position(golden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(golden || target) between the softmax distributions at each token position."""
-    log_p = torch.log_softmax(positions(golden).double(), -1)
-    log_q = torch.log_softmax(positions(target).double(), -1)
-    return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1).clamp_min(0.0)
+    """KL(golden || target) between the softmax distributions at each token position, in float64,
+    a block of positions at a time (a 512-token prefill over a 50k vocabulary is 200 MB per copy)."""
+    g, t = positions(golden), positions(target)
+    out = []
+    for start in range(0, g.shape[0], LOGIT_ROWS):
+        log_p = torch.log_softmax(g[start:start + LOGIT_ROWS].double(), -1)
+        log_q = torch.log_softmax(t[start:start + LOGIT_ROWS].double(), -1)
+        out.append((log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(-1).clamp_min(0.0))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def top1_per_position(logits: torch.Tensor) -> torch.Tensor:
@@ -175,8 +206,8 @@ def top1_margin_per_position(logits: torch.Tensor) -> torch.Tensor:
     """The logit gap between the best and the second-best token at each position."""
     x = positions(logits)
     if x.shape[-1] < 2:
-        return torch.full((x.shape[0],), math.inf, dtype=x.dtype)
-    top2 = x.topk(2, dim=-1).values
+        return torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+    top2 = x.topk(2, dim=-1).values.double()
     return top2[:, 0] - top2[:, 1]
 
 
@@ -184,20 +215,19 @@ def logits_metrics(golden: torch.Tensor, target: torch.Tensor) -> dict[str, floa
     """Per-position KL, top-1 agreement and the golden's top-1 margin, summarized over positions.
 
     ``kl`` is the mean over positions and ``kl_max`` the worst; ``top1_agree`` the fraction of
-    positions with the same argmax; ``last_*`` describe the last position, the one ``generate``
-    samples the next token from.
+    positions with the same argmax; ``golden_margin``, ``last_logit_err`` and the tokens describe the
+    last position, the one ``generate`` takes the next token from.
     """
     kl = kl_per_position(golden, target)
     g_top, t_top = top1_per_position(golden), top1_per_position(target)
     margin = top1_margin_per_position(golden)
-    g_pos, t_pos = positions(golden), positions(target)
-    last_err = float((t_pos[-1] - g_pos[-1]).abs().max())
+    g_last, t_last = positions(golden)[-1].double(), positions(target)[-1].double()
     return {
         "kl": float(kl.mean()),
         "kl_max": float(kl.max()),
         "top1_agree": float((g_top == t_top).double().mean()),
         "golden_margin": float(margin[-1]),
-        "last_logit_err": last_err,
+        "last_logit_err": float((t_last - g_last).abs().max()),
         "golden_token": int(g_top[-1]),
         "target_token": int(t_top[-1]),
     }

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from llmdiff.errors import DumpError
 from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, PROCESS_FILE, RUN_FILE, Entry, StepRecord
 
+OPEN_SHARDS = 4
 _SHARD_NAME = re.compile(r"shard-\d{6}\.safetensors")
 
 
@@ -43,7 +44,7 @@ class Dump:
     processes: list[ProcessDump]
     problems: list[str]
     format: str = "llmdiff"
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _handles: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     @property
     def entries(self) -> list[Entry]:
@@ -64,17 +65,20 @@ class Dump:
         """The full tensor of ``entry`` (on the CPU). Raises DumpError for a stats-only entry."""
         if entry.data is None:
             raise DumpError(f"{entry.name}: only statistics were captured (use mode='tensor')")
-        file = self.process_folder(entry.process) / entry.data["file"]
-        handle = self._handles.get(file)
+        key = (entry.process, entry.data["file"])
+        handle = self._handles.get(key)
         if handle is None:
+            while len(self._handles) >= OPEN_SHARDS:  # unmapping a finished shard gives its pages back
+                self._handles.pop(next(iter(self._handles)))
+            file = self.process_folder(entry.process) / entry.data["file"]
             try:
-                handle = self._handles[file] = safe_open(str(file), framework="pt")
+                handle = self._handles[key] = safe_open(str(file), framework="pt")
             except (OSError, SafetensorError) as exc:
                 raise DumpError(f"cannot read {file}: {exc}") from None
         try:
             return handle.get_tensor(entry.data["key"])
         except (KeyError, SafetensorError) as exc:
-            raise DumpError(f"{file}: no tensor {entry.data['key']!r} ({exc})") from None
+            raise DumpError(f"{entry.data['file']}: no tensor {entry.data['key']!r} ({exc})") from None
 
     def close(self) -> None:
         self._handles.clear()

@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+
+from llmdiff.compare import metrics as M
+from llmdiff.compare.tolerance import Tolerance, lower_precision, parse_thresholds
+from llmdiff.errors import UsageError
+
+
+def pair(a, b, rtol=0.0, atol=0.0):
+    return M.pair_stats(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), rtol, atol)
+
+
+def test_basic_metrics():
+    p = pair([3.0, 4.0], [3.0, 4.5])
+    assert M.rel_l2(p) == pytest.approx(0.5 / 5.0)
+    assert M.sqnr_db(p) == pytest.approx(20 * math.log10(10))
+    assert M.max_abs(p) == pytest.approx(0.5)
+    assert M.mean_abs(p) == pytest.approx(0.25)
+    assert M.cosine(p) == pytest.approx((9 + 18) / (5 * math.hypot(3, 4.5)))
+    assert M.max_rel(p) == pytest.approx(0.5 / 4.0)
+    assert M.TENSOR_METRICS["frac_rel_gt_1e-3"](p) == 0.5
+    assert M.mismatches(pair([3.0, 4.0], [3.0, 4.5], rtol=0.1)) == 1
+    assert M.mismatches(pair([3.0, 4.0], [3.0, 4.5], rtol=0.2)) == 0
+
+
+def test_equal_and_zero_tensors():
+    p = pair([0.0, 0.0], [0.0, 0.0])
+    assert (M.cosine(p), M.rel_l2(p), M.sqnr_db(p)) == (1.0, 0.0, math.inf)
+    q = pair([0.0, 0.0], [0.0, 1e-3])
+    assert M.rel_l2(q) == math.inf and M.cosine(q) == 0.0
+
+
+def test_relative_error_floor_near_zero():
+    # a golden element ~0 is judged against 1e-3 of the tensor's rms instead of exploding
+    p = pair([1.0, 1e-12, -1.0], [1.0, 1e-6, -1.0])
+    rms = math.sqrt(2 / 3)
+    assert M.max_rel(p) == pytest.approx((1e-6 - 1e-12) / (1e-3 * rms), rel=1e-9)
+
+
+def test_nonfinite_positions():
+    nan, inf = float("nan"), float("inf")
+    same = pair([1.0, nan, inf, 2.0], [1.0, nan, inf, 2.0])
+    assert same.nonfinite_mismatch == 0 and M.rel_l2(same) == 0.0
+    differ = pair([1.0, 2.0, inf, 2.0], [1.0, nan, -inf, 2.0], rtol=0.1, atol=0.1)
+    assert differ.nonfinite_mismatch == 2
+    ok, reason = Tolerance().judge({"rel_l2": 0.0, "nonfinite_mismatch": 2}, "float32")
+    assert not ok and reason == "2 positions NaN/Inf on one side only"
+    assert M.mismatches(differ) == 2
+
+
+def test_kl_is_per_position_over_the_vocabulary():
+    g = torch.tensor([[[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]])
+    t = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]]])
+    kl = M.kl_per_position(g, t)
+    assert kl.shape == (2,)
+    assert kl[0] == pytest.approx(0.0, abs=1e-12)
+    p = torch.softmax(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64), 0)
+    q = torch.softmax(torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64), 0)
+    assert kl[1] == pytest.approx(float((p * (p / q).log()).sum()))
+    summary = M.logits_metrics(g, t)
+    assert summary["top1_agree"] == 0.5 and summary["golden_token"] == 0 and summary["target_token"] == 1
+    assert summary["golden_margin"] == pytest.approx(5.0)
+
+
+def test_bf16_inputs_are_upcast_and_large_tensors_stream_in_chunks(monkeypatch):
+    g = torch.tensor([1.0, 2.0, 3.0])
+    assert M.rel_l2(M.pair_stats(g, g.to(torch.bfloat16))) == 0.0
+    torch.manual_seed(0)
+    big_g = torch.randn(10_000)
+    big_t = big_g + 1e-3 * torch.randn(10_000)
+    whole = M.pair_stats(big_g, big_t, rtol=1e-3, atol=1e-4)
+    monkeypatch.setattr(M, "CHUNK", 777)
+    chunked = M.pair_stats(big_g, big_t, rtol=1e-3, atol=1e-4)
+    for name, metric in M.TENSOR_METRICS.items():
+        assert metric(chunked) == pytest.approx(metric(whole), rel=1e-9), name
+    assert chunked.mismatches == whole.mismatches
+
+
+def test_lower_precision_and_budgets():
+    assert lower_precision("float32", "bfloat16") == "bfloat16"
+    assert lower_precision("float16", "float32") == "float16"
+    assert lower_precision("int64", "int64") == "float64"
+    assert Tolerance().judge({"rel_l2": 0.2}, "bfloat16") == (True, "")
+    assert Tolerance().judge({"rel_l2": 0.2}, "float32") == (False, "rel_l2 0.2 > 0.0001 (float32 budget)")
+
+
+def test_allclose_and_thresholds_override():
+    tol = Tolerance(rtol=1e-3, atol=1e-5)
+    assert tol.judge({"rel_l2": 0.5, "mismatches": 0}, "float32") == (True, "")
+    assert tol.judge({"rel_l2": 0.0, "mismatches": 3}, "float32") == (False, "3 elements outside rtol=0.001 atol=1e-05")
+    tol = Tolerance(thresholds=parse_thresholds(["cosine=0.999", "max_abs=0.1"]))
+    assert tol.judge({"cosine": 0.9995, "max_abs": 0.05, "rel_l2": 9.0}, "float32") == (True, "")
+    assert tol.judge({"cosine": 0.99, "max_abs": 0.05}, "float32") == (False, "cosine 0.99 < 0.999")
+    with pytest.raises(UsageError, match="expected NAME=VALUE"):
+        parse_thresholds(["cosine"])
