@@ -160,7 +160,7 @@ class _Comparer:
         for name, func in self.options.algorithms.items():
             metrics[name] = _run_algorithm(name, func, golden, target)
         result.metrics = metrics
-        result.error = metrics["rel_l2"]
+        result.error = metrics["worst_row_rel_l2"]
         tolerance = self.options.tolerance
         if result.logits and not (tolerance.thresholds or tolerance.allclose):
             # Softmax ignores a constant shift of the logits, so rel_l2 and cosine of raw logits overstate

@@ -4,8 +4,10 @@ Culprits
 --------
 For every module call with compared inputs and outputs:
 
-* ``input_error``  = the largest relative L2 error among its floating-point inputs (integer inputs
-  such as token ids are exact, so an embedding starts from zero);
+* ``input_error``  = the largest error among its floating-point inputs (integer inputs such as token
+  ids are exact, so an embedding starts from zero). The error of a tensor is the relative L2 error
+  of its worst row (token position): a fault that hits one position, such as an overflow on the
+  attention-sink token, is not diluted by the healthy others;
 * ``output_error`` = the largest among its outputs;
 * ``introduced``   = ``sqrt(max(output_error² - input_error², 0))``: the part of the output error the
   carried input error does not account for, new error being independent of the carried one (true
@@ -28,8 +30,10 @@ child). Scores are then gathered per (rank, module, call) over the steps it ran 
   captured, so no consistency can be seen).
 
 Boundary and consistent culprits are *confirmed* (they make the verdict "diverged"); spikes are
-listed as suspects only. Culprits are ranked boundary first, then by median score, then by the
-step's score; each is reported at the first step where it qualified.
+listed as suspects only. Confirmed culprits are ranked in causal order (by step, then execution
+order), as an error introduced early reaches later modules and steps through the residual stream
+and the KV cache, whose contents hooks do not see as an input; suspects follow, by score. Each is
+reported at the first step where it qualified.
 
 The thresholds were set on a healthy bf16-vs-fp32 run of SmolLM2-135M (32 generated tokens): there
 the highest per-module median score was 1.64 and the highest single-step score 4.4.
@@ -175,7 +179,10 @@ def find_culprits(entries: Sequence[EntryResult], limit: int = 10) -> tuple[list
         else:
             continue
         found.append((kind, median, shown, scores[id(shown)], reason, sum(1 for v in values if v >= CONSISTENT)))
-    found.sort(key=lambda f: (f[0], -f[1], -f[3], f[2].step, f[2].first))
+    # Confirmed culprits in causal order (step, then execution order): an error introduced early
+    # reaches later modules and steps (through the residual stream and the KV cache), so the
+    # earliest is the origin and later ones may be its victims. Suspects follow, by score.
+    found.sort(key=lambda f: (f[0] == 2, f[2].step if f[0] < 2 else 0, f[2].first if f[0] < 2 else 0, -f[3]))
     culprits = [Culprit(rank=c.rank, step=c.step, module=c.module, call=c.call, score=round(score, 3),
                         input_error=c.input_error, output_error=c.output_error, introduced_error=c.introduced,
                         expected_error=c.expected, reason=reason, steps=max(count, 1), confirmed=kind < 2)

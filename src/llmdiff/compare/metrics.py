@@ -54,51 +54,76 @@ class PairStats:
     rel_above: dict[float, int] = field(default_factory=dict)
     mismatches: int = 0
     nonfinite_mismatch: int = 0
+    worst_row_rel_l2: float = 0.0
 
 
-def _chunks(golden: torch.Tensor, target: torch.Tensor) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """Aligned float chunks of both sides with non-finite positions removed, and the mismatch count."""
+def _chunks(golden: torch.Tensor, target: torch.Tensor, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+    """Aligned float chunks of both sides, each ``size`` elements (the last may be shorter).
+
+    Positions not finite on both sides are set to 0 on both sides, which removes them from every
+    sum, maximum and count; each chunk comes with its count of kept positions and of disagreements.
+    """
     dtype = compute_dtype(golden.dtype, target.dtype)
     g_all, t_all = golden.detach().reshape(-1), target.detach().reshape(-1)
-    for start in range(0, g_all.numel(), CHUNK):
-        g = g_all[start:start + CHUNK].to(dtype).cpu().numpy()
-        t = t_all[start:start + CHUNK].to(dtype).cpu().numpy()
+    for start in range(0, g_all.numel(), size):
+        g = g_all[start:start + size].to(dtype).cpu().numpy()
+        t = t_all[start:start + size].to(dtype).cpu().numpy()
         fg, ft = np.isfinite(g), np.isfinite(t)
         if fg.all() and ft.all():
-            yield g, t, 0
+            yield g, t, g.size, 0
             continue
         both_nan = np.isnan(g) & np.isnan(t)
         same_inf = np.isinf(g) & (g == t)
         keep = fg & ft
-        yield g[keep], t[keep], int(np.count_nonzero(~keep & ~both_nan & ~same_inf))
+        g, t = np.where(keep, g, 0), np.where(keep, t, 0)
+        yield g, t, int(np.count_nonzero(keep)), int(np.count_nonzero(~keep & ~both_nan & ~same_inf))
 
 
 def pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0, atol: float = 0.0) -> PairStats:
     """Gather :class:`PairStats` in two passes (the relative-error floor needs the golden's rms first);
-    ``mismatches`` counts elements failing ``|t - g| <= atol + rtol * |g|``."""
+    ``mismatches`` counts elements failing ``|t - g| <= atol + rtol * |g|``.
+
+    Tensors of two or more dimensions are also measured row by row (a row is one vector of the last
+    dimension: one token position of a hidden state): ``worst_row_rel_l2`` is the largest relative
+    error of any row whose golden norm is at least 1e-3 of the rows' rms norm.
+    """
     s = PairStats(rel_above=dict.fromkeys(REL_THRESHOLDS, 0))
-    # A tensor that fits in one chunk is converted once and kept for the second pass.
-    single = golden.numel() <= CHUNK
+    row = golden.shape[-1] if golden.dim() >= 2 and golden.shape[-1] and golden.numel() > golden.shape[-1] else 0
+    size = max(1, CHUNK // row) * row if row else CHUNK
+    single = golden.numel() <= size  # one chunk: converted once and kept for the second pass
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    row_gg: list[np.ndarray] = []
+    row_dd: list[np.ndarray] = []
     f64 = np.float64
-    for g, t, bad in _chunks(golden, target):
+    for g, t, n, bad in _chunks(golden, target, size):
         # Element-wise work in the compute dtype; every sum accumulates in float64.
         abs_d = np.abs(t - g)
         abs_g = np.abs(g)
-        s.n += g.size
+        gg, dd = g * g, abs_d * abs_d
+        s.n += n
         s.nonfinite_mismatch += bad
-        s.gg += float(np.add.reduce(g * g, dtype=f64))
+        s.gg += float(np.add.reduce(gg, dtype=f64))
         s.tt += float(np.add.reduce(t * t, dtype=f64))
         s.gt += float(np.add.reduce(g * t, dtype=f64))
-        s.dd += float(np.add.reduce(abs_d * abs_d, dtype=f64))
+        s.dd += float(np.add.reduce(dd, dtype=f64))
+        if row:
+            row_gg.append(np.add.reduce(gg.reshape(-1, row), axis=1, dtype=f64))
+            row_dd.append(np.add.reduce(dd.reshape(-1, row), axis=1, dtype=f64))
         if g.size:
             s.max_abs = max(s.max_abs, float(abs_d.max()))
             s.sum_abs += float(np.add.reduce(abs_d, dtype=f64))
         s.mismatches += int(np.count_nonzero(abs_d > atol + rtol * abs_g)) + bad
         if single:
             kept.append((abs_g, abs_d, g))
+    if row_gg:
+        gg_rows, dd_rows = np.concatenate(row_gg), np.concatenate(row_dd)
+        floor = REL_FLOOR**2 * float(gg_rows.mean())
+        rows = np.sqrt(dd_rows / np.maximum(gg_rows, floor)) if floor > 0 else np.sqrt(dd_rows)
+        s.worst_row_rel_l2 = float(rows.max()) if rows.size else 0.0
+    else:
+        s.worst_row_rel_l2 = rel_l2(s)
     floor = max(REL_FLOOR * math.sqrt(s.gg / s.n), 1e-300) if s.n else 1.0
-    second = kept or ((np.abs(g), np.abs(t - g), g) for g, t, _ in _chunks(golden, target))
+    second = kept or ((np.abs(g), np.abs(t - g), g) for g, t, _, _ in _chunks(golden, target, size))
     for abs_g, abs_d, g in second:
         if not g.size:
             continue
@@ -159,6 +184,11 @@ def frac_rel_above(threshold: float) -> Metric:
     return metric
 
 
+def worst_row_rel_l2(s: PairStats) -> float:
+    """The relative L2 error of the worst row (token position); rel_l2 for 1-D tensors."""
+    return s.worst_row_rel_l2
+
+
 def mismatches(s: PairStats) -> int:
     """Elements failing the allclose test given to :func:`pair_stats`, NaN/Inf disagreements included."""
     return s.mismatches
@@ -172,6 +202,7 @@ TENSOR_METRICS: dict[str, Metric] = {
     "max_abs": max_abs,
     "mean_abs": mean_abs,
     "max_rel": max_rel,
+    "worst_row_rel_l2": worst_row_rel_l2,
     "frac_rel_gt_1e-3": frac_rel_above(1e-3),
     "frac_rel_gt_5e-3": frac_rel_above(5e-3),
 }

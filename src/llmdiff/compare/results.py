@@ -38,8 +38,9 @@ def clean(value: Any) -> Any:
 
 @dataclass
 class EntryResult:
-    """The comparison of one aligned key. ``error`` is the rel_l2 (or, for statistics, norm_rel)
-    that localization works with; ``budget`` the rel_l2 budget of the pair's lower-precision dtype."""
+    """The comparison of one aligned key. ``error`` is what localization works with: the relative L2
+    error of the worst row (token position), or for statistics-only pairs the relative difference
+    of norms; ``budget`` is the rel_l2 budget of the pair's lower-precision dtype."""
 
     index: int
     rank: int
