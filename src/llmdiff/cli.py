@@ -122,6 +122,18 @@ def show(dump: Path) -> None:
     print_summary(summarize(open_dump(dump)), console)
 
 
+@cli.command()
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("llmdiff-demo"),
+              show_default=True, help="Folder for the two runs and the reports.")
+@click.option("--tokens", type=click.IntRange(1, 512), default=64, show_default=True, help="Tokens to generate.")
+@click.option("--bug", is_flag=True, help="Plant an RMSNorm that skips its float32 upcast (float16 target).")
+def demo(out_dir: Path, tokens: int, bug: bool) -> None:
+    """Compare float32 and bfloat16 generations of SmolLM2-135M (offline) and write an HTML report."""
+    from llmdiff.demo import run_demo
+
+    run_demo(out_dir, tokens=tokens, bug=bug, console=console)
+
+
 def split_patterns(values: tuple[str, ...]) -> list[str]:
     """Split ``"a,b"`` into regexes at commas outside ``{}``/``[]``/``()`` (so ``x{1,2}`` survives)."""
     out: list[str] = []

@@ -35,8 +35,9 @@ order), as an error introduced early reaches later modules and steps through the
 and the KV cache, whose contents hooks do not see as an input; suspects follow, by score. Each is
 reported at the first step where it qualified.
 
-The thresholds were set on a healthy bf16-vs-fp32 run of SmolLM2-135M (32 generated tokens): there
-the highest per-module median score was 1.64 and the highest single-step score 4.4.
+The thresholds were set on healthy bf16-vs-fp32 runs of SmolLM2-135M: over 32 generated tokens the
+highest per-module median score was 1.64; over 64, one MLP output that nearly cancels on one token
+scored 11.2 at that single step (a spike, hence ``SPIKE`` well above it).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from llmdiff.compare.tolerance import KL_BUDGET, lower_precision, unit_roundoff
 
 JUMP = 6.0
 BOUNDARY = 2.0
-SPIKE = 8.0
+SPIKE = 20.0
 CONSISTENT = 2.5
 CHILD_EXPLAINS = 0.5
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")

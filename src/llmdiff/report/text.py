@@ -66,5 +66,9 @@ def headline(comparison: Comparison) -> list[tuple[str, str]]:
         rows.append(("first divergence", f"step {fd['step']}, {fd['name']}: {fd['reason']}"))
     else:
         rows.append(("first divergence", "none: every compared tensor is within tolerance"))
-    rows.append(("culprit", culprit_text(c.culprits[0]) if c.culprits else "none"))
+    confirmed = [k for k in c.culprits if k.confirmed]
+    if confirmed:
+        rows.append(("culprit", culprit_text(confirmed[0])))
+    else:
+        rows.append(("culprit", "none" + (f"; suspect: {culprit_text(c.culprits[0])}" if c.culprits else "")))
     return rows
