@@ -5,7 +5,7 @@ import torch
 
 import llmdiff
 from llmdiff.errors import LlmdiffError
-from tinymodels import generate, tiny_llama
+from llmdiff.testing import generate, tiny_llama
 
 
 def entries_by_name(dump):

@@ -12,8 +12,6 @@ import torch
 
 import llmdiff
 
-TESTS = Path(__file__).parent
-
 
 def llmdiff_cli(*args, cwd=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "llmdiff", *map(str, args)], capture_output=True, text=True,
@@ -21,19 +19,19 @@ def llmdiff_cli(*args, cwd=None, timeout=300):
 
 
 def write_script(path: Path, body: str) -> Path:
-    path.write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(body))
+    path.write_text("import sys\n" + textwrap.dedent(body))
     return path
 
 
 def test_zero_code_capture_includes_subprocesses(tmp_path):
     child = write_script(tmp_path / "child.py", """
         import torch
-        from tinymodels import tiny_llama, generate
+        from llmdiff.testing import tiny_llama, generate
         generate(tiny_llama(seed=1), torch.tensor([[3, 4, 5]]), 1)
     """)
     main = write_script(tmp_path / "main.py", f"""
         import subprocess, torch
-        from tinymodels import tiny_llama, generate
+        from llmdiff.testing import tiny_llama, generate
         generate(tiny_llama(), torch.tensor([[1, 2, 3, 4]]), 2)
         subprocess.run([sys.executable, {str(child)!r}], check=True)
     """)
@@ -88,7 +86,7 @@ def test_bad_config_file_and_existing_run_dir(tmp_path):
 def test_config_file_options_with_cli_override(tmp_path):
     script = write_script(tmp_path / "s.py", """
         import torch
-        from tinymodels import tiny_llama, generate
+        from llmdiff.testing import tiny_llama, generate
         generate(tiny_llama(), torch.tensor([[1, 2, 3]]), 3)
     """)
     (tmp_path / "c.json").write_text(json.dumps({"modules": ["lm_head"], "steps": "all", "mode": "stats"}))
@@ -135,7 +133,7 @@ def test_show_bad_path_is_one_line(tmp_path):
 
 KILL_SCRIPT = """
     import torch, llmdiff
-    from tinymodels import tiny_llama, generate
+    from llmdiff.testing import tiny_llama, generate
     model = tiny_llama(layers=4)
     with llmdiff.capture(model, sys.argv[1], steps="all"):
         generate(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), 400)

