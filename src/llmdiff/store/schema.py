@@ -75,10 +75,10 @@ class Entry:
         return n
 
     def to_json(self) -> dict[str, Any]:
-        record = asdict(self)
-        del record["process"]
-        record["kind"] = "entry"
-        return record
+        return {"kind": "entry", "seq": self.seq, "rank": self.rank, "step": self.step, "module": self.module,
+                "type": self.type, "call": self.call, "part": self.part, "path": self.path, "shape": self.shape,
+                "dtype": self.dtype, "device": self.device, "stats": self.stats, "data": self.data,
+                "note": self.note}
 
     @classmethod
     def from_json(cls, record: dict[str, Any], process: str = "") -> Entry:

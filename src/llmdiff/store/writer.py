@@ -19,7 +19,6 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,6 @@ from safetensors.torch import save_file
 
 from llmdiff.errors import LlmdiffError
 from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, SHARD_TEMPLATE, Entry, StepRecord
-
-#: Called in the writer thread before a tensor is stored: fills ``entry.stats`` and returns the
-#: tensor to write (on the CPU), or None to keep statistics only.
-Prepare = Callable[[Entry, torch.Tensor], torch.Tensor | None]
 
 _CLOSE = object()
 
@@ -59,17 +54,18 @@ class DumpWriter:
         self._thread.start()
 
     # -- called from the capturing thread -------------------------------------------------------
-    def add(self, entry: Entry, tensor: torch.Tensor | None = None, prepare: Prepare | None = None,
-            same_as: int | None = None) -> None:
-        """Queue one entry. ``tensor`` must be a private copy; ``same_as`` reuses the data of an
-        earlier entry (same seq) of the current step instead of storing it again."""
+    def add(self, items: list[tuple[Entry, torch.Tensor | None, int | None]]) -> None:
+        """Queue entries, in order: ``(entry, tensor, same_as)``. ``tensor`` (a private copy) is stored
+        unless None; ``same_as`` instead reuses the data and statistics of an earlier entry (by seq)
+        of the current step."""
         self._raise_if_failed()
-        size = 0 if tensor is None else tensor.numel() * tensor.element_size()
-        with self._budget:
-            while self._in_flight and self._in_flight + size > self.queue_bytes:
-                self._budget.wait()
-            self._in_flight += size
-        self._queue.put((entry, tensor, prepare, same_as, size))
+        size = sum(t.numel() * t.element_size() for _, t, _ in items if t is not None)
+        if size:
+            with self._budget:
+                while self._in_flight and self._in_flight + size > self.queue_bytes:
+                    self._budget.wait()
+                self._in_flight += size
+        self._queue.put((items, size))
 
     def end_step(self, record: StepRecord) -> None:
         """Mark a step complete: everything queued before is made durable, then the step line."""
@@ -104,8 +100,9 @@ class DumpWriter:
                         self._write_line(item.to_json())
                         self._stored.clear()
                     else:
-                        self._store(*item[:4])
-                except BaseException as exc:
+                        for entry, tensor, same_as in item[0]:
+                            self._store(entry, tensor, same_as)
+                except BaseException as exc:  # reported to the capturing thread
                     self.error = exc
                 finally:
                     self._release(item)
@@ -113,23 +110,21 @@ class DumpWriter:
             self._manifest.close()
 
     def _release(self, item: Any) -> None:
-        if isinstance(item, tuple):
+        if isinstance(item, tuple) and item[1]:
             with self._budget:
-                self._in_flight -= item[4]
+                self._in_flight -= item[1]
                 self._budget.notify_all()
 
-    def _store(self, entry: Entry, tensor: torch.Tensor | None, prepare: Prepare | None,
-               same_as: int | None) -> None:
+    def _store(self, entry: Entry, tensor: torch.Tensor | None, same_as: int | None) -> None:
         source = self._stored.get(same_as) if same_as is not None else None
         if source is not None:
             entry.data, entry.stats, entry.note = source.data, source.stats, source.note
         elif tensor is not None:
-            data = prepare(entry, tensor) if prepare else tensor
-            if data is not None:
-                key = str(entry.seq)
-                self._shard[key] = data.contiguous()
-                self._shard_size += data.numel() * data.element_size()
-                entry.data = {"file": SHARD_TEMPLATE.format(self._shard_index), "key": key}
+            data = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
+            key = str(entry.seq)
+            self._shard[key] = data.contiguous()
+            self._shard_size += data.numel() * data.element_size()
+            entry.data = {"file": SHARD_TEMPLATE.format(self._shard_index), "key": key}
         self._stored[entry.seq] = entry
         self._pending.append(entry)
         if self._shard_size >= self.shard_bytes:

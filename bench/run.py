@@ -1,0 +1,170 @@
+"""llmdiff benchmarks, every ratio against a baseline measured in the same run.
+
+    python bench/run.py [--tokens 32] [--reps 5] [--threads 2] [--quick]
+
+1. Capture overhead on SmolLM2-135M (prefill + N decode tokens): no capture vs stats mode vs
+   tensor mode (all modules, all steps), interleaved repetitions in one process, medians.
+2. The same on the tiny test model.
+3. Bytes on disk per captured step, and bytes written vs the sum of the captured tensors' sizes.
+4. Compare throughput (GB/s of dump data) and peak memory, in a fresh process each, on the decode
+   dumps of (1) and on a 512-token prefill dump with large tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import llmdiff
+from llmdiff.store.reader import open_dump
+
+ROOT = Path(__file__).resolve().parent
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _nbytes(entry) -> int:
+    return entry.numel * torch.empty(0, dtype=getattr(torch, entry.dtype)).element_size()
+
+
+def timed_generate(model, ids, tokens: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                       do_sample=False, pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str, object]:
+    """Median seconds per generate call for each mode, repetitions interleaved."""
+    timed_generate(model, ids, 2)  # warm-up
+    times: dict[str, list[float]] = {"none": [], "stats": [], "tensor": []}
+    sizes: dict[str, int] = {}
+    for rep in range(reps):
+        for mode in times:
+            if mode == "none":
+                times[mode].append(timed_generate(model, ids, tokens))
+                continue
+            run_dir = work / f"{mode}-{rep}"
+            session = llmdiff.capture(model, run_dir, steps="all", mode=mode)
+            start = time.perf_counter()
+            session.start()
+            timed_generate(model, ids, tokens)
+            session.stop()  # draining the writer is part of the cost
+            times[mode].append(time.perf_counter() - start)
+            if rep == 0:
+                dump = open_dump(run_dir)
+                sizes[f"{mode}_disk"] = folder_bytes(run_dir)
+                sizes[f"{mode}_steps"] = len(dump.steps)
+                sizes[f"{mode}_entries"] = len(dump.entries)
+                if mode == "tensor":
+                    unique = {(e.process, e.data["file"], e.data["key"]): e for e in dump.entries if e.data}
+                    sizes["tensor_bytes_captured"] = sum(_nbytes(e) for e in dump.entries if e.data)
+                    sizes["tensor_bytes_unique"] = sum(_nbytes(e) for e in unique.values())
+                    sizes["tensor_shard_bytes"] = sum(p.stat().st_size for p in run_dir.rglob("*.safetensors"))
+                    sizes["tensor_unique_stored"] = len(unique)
+                    shutil.copytree(run_dir, work / "keep-tensor", dirs_exist_ok=True)
+            shutil.rmtree(run_dir)
+    medians = {mode: statistics.median(v) for mode, v in times.items()}
+    return {"median_s": medians, **sizes}
+
+
+def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
+    code = (
+        "import json, resource, sys, time, llmdiff\n"
+        "t = time.perf_counter(); r = llmdiff.compare(sys.argv[1], sys.argv[2]); dt = time.perf_counter() - t\n"
+        "print(json.dumps({'seconds': dt, 'verdict': r.verdict, 'entries': len(r.entries),\n"
+        "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+    base = ("import json, resource, llmdiff\n"
+            "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+    out = json.loads(subprocess.check_output([sys.executable, "-c", code, str(golden), str(target)]))
+    out["baseline_rss_mb"] = json.loads(subprocess.check_output([sys.executable, "-c", base]))["peak_rss_mb"]
+    out["bytes"] = folder_bytes(golden) + folder_bytes(target)
+    out["gb_per_s"] = out["bytes"] / out["seconds"] / 1e9
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny model only (a smoke test of this script)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
+    results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                                  "cpus": os.cpu_count(), "torch": torch.__version__}
+    try:
+        from llmdiff.testing import tiny_llama
+
+        tiny_ids = torch.tensor([[3, 17, 42, 99, 5, 64, 23, 8]])
+        results["tiny"] = capture_overhead(tiny_llama(layers=4), tiny_ids, args.tokens, args.reps, work / "tiny")
+        if not args.quick:
+            from rich.console import Console
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from llmdiff.demo import PROMPT, converted_model
+
+            path = converted_model(Console(stderr=True))
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            enc = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                                return_tensors="pt")
+            ids = enc if isinstance(enc, torch.Tensor) else enc["input_ids"]
+            fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            results["smollm2"] = capture_overhead(fp32, ids, args.tokens, args.reps, work / "smol")
+            shutil.move(work / "smol" / "keep-tensor", work / "decode-fp32")
+            bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+            with llmdiff.capture(bf16, work / "decode-bf16", steps="all"):
+                timed_generate(bf16, ids, args.tokens)
+            results["compare_decode"] = compare_in_subprocess(work / "decode-fp32", work / "decode-bf16")
+            long_ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
+            for name, model in (("prefill-fp32", fp32), ("prefill-bf16", bf16)):
+                with llmdiff.capture(model, work / name, steps="0"), torch.no_grad():
+                    model(long_ids)
+            results["compare_prefill"] = compare_in_subprocess(work / "prefill-fp32", work / "prefill-bf16")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(results)
+    (ROOT / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def report(results: dict) -> None:
+    print(f"llmdiff benchmarks, {results['date']}, {results['cpus']} CPUs, torch threads {results['threads']}")
+    for name in ("tiny", "smollm2"):
+        r = results.get(name)
+        if not r:
+            continue
+        m = r["median_s"]
+        print(f"\ncapture overhead, {name} (median seconds per generate call):")
+        print(f"  no capture {m['none']:.3f}s | stats {m['stats']:.3f}s | tensor {m['tensor']:.3f}s")
+        print(f"  ratio: stats {m['stats'] / m['none']:.2f}x, tensor {m['tensor'] / m['none']:.2f}x no capture")
+        print(f"  disk per step: stats {r['stats_disk'] / r['stats_steps'] / 1e3:.1f} KB, "
+              f"tensor {r['tensor_disk'] / r['tensor_steps'] / 1e6:.2f} MB")
+        print(f"  tensor mode: {r['tensor_entries']} entries of {r['tensor_bytes_captured'] / 1e6:.1f} MB; "
+              f"{r['tensor_unique_stored']} distinct tensors of {r['tensor_bytes_unique'] / 1e6:.1f} MB stored "
+              f"in {r['tensor_shard_bytes'] / 1e6:.1f} MB of shards "
+              f"({r['tensor_shard_bytes'] / r['tensor_bytes_unique']:.3f}x); "
+              f"all files {r['tensor_disk'] / 1e6:.1f} MB")
+    for name in ("compare_decode", "compare_prefill"):
+        c = results.get(name)
+        if c:
+            print(f"\n{name}: {c['bytes'] / 1e6:.0f} MB of dumps, {c['entries']} entries in {c['seconds']:.2f}s = "
+                  f"{c['gb_per_s']:.3f} GB/s; peak RSS {c['peak_rss_mb']:.0f} MB "
+                  f"(baseline after import {c['baseline_rss_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
