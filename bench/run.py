@@ -82,13 +82,14 @@ def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str
 
 
 def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
+    # VmHWM, not ru_maxrss: the latter survives exec and would report this (large) parent's peak.
+    peak = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
     code = (
-        "import json, resource, sys, time, llmdiff\n"
+        "import json, sys, time, llmdiff\n"
         "t = time.perf_counter(); r = llmdiff.compare(sys.argv[1], sys.argv[2]); dt = time.perf_counter() - t\n"
         "print(json.dumps({'seconds': dt, 'verdict': r.verdict, 'entries': len(r.entries),\n"
-        "                  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
-    base = ("import json, resource, llmdiff\n"
-            "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
+        f"                  'peak_rss_mb': {peak}}}))\n")
+    base = f"import json, llmdiff\nprint(json.dumps({{'peak_rss_mb': {peak}}}))\n"
     out = json.loads(subprocess.check_output([sys.executable, "-c", code, str(golden), str(target)]))
     out["baseline_rss_mb"] = json.loads(subprocess.check_output([sys.executable, "-c", base]))["peak_rss_mb"]
     out["bytes"] = folder_bytes(golden) + folder_bytes(target)

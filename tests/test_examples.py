@@ -97,3 +97,9 @@ def test_demo_healthy_bf16_matches(tmp_path):
     report = run_demo(tmp_path / "demo", tokens=16)
     assert report.verdict == "match"
     assert not [c for c in report.culprits if c.confirmed]
+
+
+def test_bench_script_runs(tmp_path):
+    out = run([sys.executable, EXAMPLES.parent / "bench" / "run.py", "--quick", "--reps", "1", "--tokens", "2"],
+              tmp_path)
+    assert "ratio: stats" in out and "no capture" in out
