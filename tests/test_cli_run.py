@@ -51,6 +51,25 @@ def test_zero_code_capture_includes_subprocesses(tmp_path):
         "LlamaForCausalLM"
 
 
+def test_ranks_write_their_own_folders(tmp_path):
+    script = write_script(tmp_path / "r.py", """
+        import torch
+        from llmdiff.testing import tiny_llama, generate
+        generate(tiny_llama(), torch.tensor([[1, 2, 3]]), 1)
+    """)
+    from llmdiff.capture.session import prepare_run_dir
+    from llmdiff.config import make_config
+
+    prepare_run_dir(tmp_path / "run2", [], make_config())
+    env_base = {**os.environ, "LLMDIFF_RUN_DIR": str(tmp_path / "run2"), "LLMDIFF_CONFIG": "{}"}
+    children = [subprocess.Popen([sys.executable, str(script)], env={**env_base, "RANK": str(r), "WORLD_SIZE": "2"})
+                for r in (0, 1)]
+    assert [c.wait(timeout=300) for c in children] == [0, 0]
+    dump = llmdiff.open_dump(tmp_path / "run2")
+    assert [p.folder.name for p in dump.processes] == ["rank0", "rank1"]
+    assert {e.rank for e in dump.processes[1].entries} == {1}
+
+
 def test_exit_code_of_the_program_is_passed_on(tmp_path):
     script = write_script(tmp_path / "fail.py", "sys.exit(7)\n")
     assert llmdiff_cli("run", "-o", tmp_path / "run", "--", sys.executable, script).returncode == 7
