@@ -28,7 +28,8 @@ def run(name, dtype, **options):
 run("stats-fp32", torch.float32, mode="stats")
 run("stats-bf16", torch.bfloat16, mode="stats")
 first = llmdiff.compare(out / "stats-fp32", out / "stats-bf16")
-suspect = first.first_divergence["module"] if first.first_divergence else first.culprits[0].module
+confirmed = [c.module for c in first.culprits if c.confirmed]
+suspect = confirmed[0] if confirmed else first.first_divergence["module"]
 layer = re.match(r"(model\.layers\.\d+)", suspect).group(1)
 print(f"pass 1 (stats): verdict {first.verdict}, suspect {suspect}")
 

@@ -258,7 +258,7 @@ def test_batched_statistics_equal_one_by_one():
     from llmdiff.capture.stats import batch_stats, tensor_stats
 
     torch.manual_seed(0)
-    tensors = [torch.randn(5, 7), torch.arange(6), torch.randn(3).to(torch.bfloat16), torch.empty(0),
+    tensors = [torch.randn(5, 7), torch.tensor([34519, 1, 9690]), torch.randn(3).to(torch.bfloat16), torch.empty(0),
                torch.tensor([1.0, float("nan"), 3.0]), torch.full((4,), 2.5, dtype=torch.float64)]
     for batched, alone in zip(batch_stats(tensors), [tensor_stats(t) for t in tensors], strict=True):
         assert batched.keys() == alone.keys()
@@ -267,3 +267,10 @@ def test_batched_statistics_equal_one_by_one():
                 assert batched[key] is None, key
             else:
                 assert batched[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
+
+
+def test_batched_statistics_keep_integers_exact_beside_bf16():
+    from llmdiff.capture.stats import batch_stats
+
+    ids, hidden = torch.tensor([34519, 1, 9690]), torch.ones(3, dtype=torch.bfloat16)
+    assert batch_stats([ids, hidden])[0]["max"] == 34519.0

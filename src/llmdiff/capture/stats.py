@@ -57,7 +57,8 @@ def batch_stats(tensors: list[torch.Tensor]) -> list[dict[str, Any]]:
     results: list[dict[str, Any] | None] = [None] * len(tensors)
     batch = [i for i, t in enumerate(tensors) if t.numel() and not t.is_complex()]
     if batch:
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in batch]).to(torch.float64)
+        # float64 before concatenating: cat would promote int64 ids and float32 values to a bf16 neighbour
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(torch.float64) for i in batch])
         lengths = torch.tensor([tensors[i].numel() for i in batch], device=flat.device)
         table = torch.stack([
             torch.segment_reduce(flat, "min", lengths=lengths),
