@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,3 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"--config: {path} must hold a JSON object")
     return data
 
-
-def override(config: CaptureConfig, **changes: Any) -> CaptureConfig:
-    """A copy of ``config`` with some fields replaced."""
-    return replace(config, **changes)

@@ -25,11 +25,7 @@ SHARD_TEMPLATE = "shard-{:06d}.safetensors"
 PARTIAL_SUFFIX = ".partial"
 
 #: part names; ``kwarg`` is an input passed by keyword, ``save`` a tensor given to ``llmdiff.save``.
-PARTS = ("input", "kwarg", "output", "save", "param")
-INPUT_PARTS = frozenset({"input", "kwarg"})
-
-#: statistics recorded for every captured tensor (floats; NaN/Inf counts are ints).
-STAT_KEYS = ("min", "max", "mean", "std", "norm", "nan", "inf")
+PARTS = ("input", "kwarg", "output", "save")
 
 
 @dataclass
