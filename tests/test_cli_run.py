@@ -44,6 +44,8 @@ def test_zero_code_capture_includes_subprocesses(tmp_path):
     parent, kid = dump.processes
     assert next(s.token_ids for s in parent.steps) == [[1, 2, 3, 4]]
     assert len(parent.steps) == 2 and len(kid.steps) == 1
+    for proc, rank in ((parent, 0), (kid, 1)):  # every record of a process carries that process's rank
+        assert {e.rank for e in proc.entries} == {s.rank for s in proc.steps} == {rank}
     assert {e.module for e in dump.entries} == {"lm_head"}
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["exit_code"] == 0 and run["end"] and run["config"]["steps"] == "all"

@@ -322,6 +322,7 @@ class Capture:
         if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
             self._graph_capture_seen = True
             return
+        self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
         entry = Entry(seq=self._seq, rank=self._rank(), step=self.current_step, module=module, type=type_name,
                       call=call, part=part, path=path, shape=list(tensor.shape), dtype=_dtype_name(tensor.dtype),
                       device=device, stats=None)
