@@ -227,7 +227,7 @@ class Capture:
         param = next(root.parameters(), None)
         self._models.append({
             "class": type(root).__name__,
-            "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "",
+            "dtype": _dtype_name(param.dtype) if param is not None else "",
             "device": str(param.device) if param is not None else "",
         })
         for name, module in root.named_modules():
@@ -256,10 +256,8 @@ class Capture:
         call = self._calls[name] = self._calls.get(name, -1) + 1
         self._open_calls.setdefault(id(module), []).append(call)
         if "input" in self.config.parts and self._selected(module, name, call):
-            for path, tensor in flatten(args):
-                self._record(name, type(module).__name__, call, "input", path, tensor)
-            for path, tensor in flatten(kwargs):
-                self._record(name, type(module).__name__, call, "kwarg", path, tensor)
+            self._record_all(module, name, call, "input", args)
+            self._record_all(module, name, call, "kwarg", kwargs)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         stack = self._open_calls.get(id(module))
@@ -273,11 +271,9 @@ class Capture:
             if self._depth == 0 and self.auto_step and self._token_ids is None:
                 self._token_ids = _token_ids(args, kwargs)
             if "input" in self.config.parts and self._selected(module, name, call):
-                for path, tensor in flatten(kwargs):
-                    self._record(name, type(module).__name__, call, "kwarg", path, tensor)
+                self._record_all(module, name, call, "kwarg", kwargs)
         if "output" in self.config.parts and self._selected(module, name, call):
-            for path, tensor in flatten(output):
-                self._record(name, type(module).__name__, call, "output", path, tensor)
+            self._record_all(module, name, call, "output", output)
         if self._depth == 0 and self.auto_step:
             self._end_step()
 
@@ -314,6 +310,10 @@ class Capture:
         self._reset_step_state()
 
     # -- recording --------------------------------------------------------------------------------------
+    def _record_all(self, module: nn.Module, name: str, call: int, part: str, value: Any) -> None:
+        for path, tensor in flatten(value):
+            self._record(name, type(module).__name__, call, part, path, tensor)
+
     def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor) -> None:
         cfg = self.config
         device = str(tensor.device)

@@ -205,9 +205,9 @@ def _pick_logits(entries: Sequence[EntryResult]) -> list[EntryResult]:
     logits = [e for e in entries if e.logits and e.metrics.get("kl") is not None]
     if not logits:
         return []
-    # One logits tensor per step: prefer the model's own output over the lm_head module's.
-    preferred = min({e.name.split(":")[0] for e in logits}, key=lambda m: (m != "<root>", m))
-    return [e for e in logits if e.name.split(":")[0] == preferred]
+    # One logits tensor per step: prefer the model's own output (the root, "") over the lm_head module's.
+    preferred = min({e.module for e in logits}, key=lambda m: (m != "", m))
+    return [e for e in logits if e.module == preferred]
 
 
 def _int(value: object) -> int | None:
