@@ -51,5 +51,5 @@ def test_not_a_dump(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(DumpError, match="a dump is a folder, not a file"):
         llmdiff.open_dump(tmp_path / "f.txt")
-    with pytest.raises(DumpError, match="not an llmdiff dump"):
+    with pytest.raises(DumpError, match="not a dump llmdiff can read"):
         llmdiff.open_dump(tmp_path)

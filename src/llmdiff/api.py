@@ -15,7 +15,8 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float
             atol: float | None = None, steps: str | None = None, modules: Sequence[str] | str | None = None,
             thresholds: dict[str, float] | None = None, mapping: Mapping | str | Path | None = None,
             metrics: Sequence[str] = (), algorithms: Sequence[str] = (), allow_missing: bool = False,
-            workers: int | None = None, progress: Progress | None = None) -> Report:
+            preset: str | None = None, level: str = "layer", workers: int | None = None,
+            progress: Progress | None = None) -> Report:
     """Compare two dumps and localize where the target departs from the golden.
 
     ``rtol``/``atol`` switch the pass test to an element-wise allclose; ``thresholds`` (e.g.
@@ -23,14 +24,17 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float
     ``modules`` (regexes, ``:i`` allowed) narrow the comparison; ``mapping`` renames module paths
     (a :class:`~llmdiff.compare.align.Mapping` or a YAML/JSON file); ``metrics`` picks the columns
     of reports; ``algorithms`` adds user metrics (``"file.py:func"``); ``allow_missing`` lets
-    entries present on one side only not make the verdict ``"incomplete"``.
+    entries present on one side only not make the verdict ``"incomplete"`` (dumps of two different
+    tools never do: they capture different things); ``preset="msit"`` judges logits by msIT's rule
+    (cosine > 0.999, KL < 0.005 bf16 / 0.0001 fp16); ``level="token"`` compares only the logits of
+    each token (msIT's ``-cl token``). Either side may be an llmdiff, msProbe, msIT, vLLM or SGLang dump.
 
     Returns a :class:`~llmdiff.report.model.Report` with ``verdict``, ``first_divergence``,
     ``culprits``, ``tokens``, ``entries`` and ``to_markdown/to_csv/to_json/to_html(path)``.
     """
     options = options_from(rtol=rtol, atol=atol, steps=steps, modules=modules, thresholds=thresholds,
                            mapping=mapping, metrics=metrics, algorithms=algorithms, allow_missing=allow_missing,
-                           workers=workers, progress=progress)
+                           preset=preset, level=level, workers=workers, progress=progress)
     golden_dump = golden if isinstance(golden, Dump) else open_dump(golden)
     target_dump = target if isinstance(target, Dump) else open_dump(target)
     return Report(compare_dumps(golden_dump, target_dump, options))

@@ -51,16 +51,24 @@ def cli() -> None:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path),
               help="Run folder to create (default: a new one under ./llmdiff-runs/).")
-@click.option("-c", "--config", "config_file", type=click.Path(path_type=Path), help="JSON file of capture options.")
+@click.option("-c", "--config", "config_file", type=click.Path(path_type=Path),
+              help="JSON capture options: a file or inline JSON; llmdiff's options or vLLM's intermediate-log config.")
 @_capture_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...], **cli_options: Any) -> None:
     """Run COMMAND (a Python program, after '--') with capture on, child processes included."""
     from llmdiff.capture.autorun import CONFIG_ENV, RUN_DIR_ENV
     from llmdiff.capture.session import finish_run_dir, prepare_run_dir
-    from llmdiff.config import config_from_mapping, load_config_file
+    from llmdiff.config import config_from_mapping, is_vllm_config, load_config_file, vllm_config
 
     options = load_config_file(config_file) if config_file else {}
+    if is_vllm_config(options):  # vLLM's --intermediate-log-config: its defaults and its output folder
+        vllm = vllm_config(options, source=str(config_file))
+        if not vllm.enabled:
+            err_console.print("llmdiff: the config says enabled: false; running without capture")
+            sys.exit(subprocess.call(list(command)))
+        options = vllm.capture.to_json()
+        run_dir = run_dir or vllm.new_run_dir()
     cli_options["hash"] = cli_options.pop("hash_")
     for key, value in cli_options.items():
         if value not in (None, ()):
@@ -152,10 +160,15 @@ def split_patterns(values: tuple[str, ...]) -> list[str]:
 
 
 @cli.command()
-@click.argument("golden", type=click.Path(path_type=Path))
-@click.argument("target", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "outputs", multiple=True, type=click.Path(path_type=Path),
-              help="Write a report; the extension picks the format: .md .csv .json .html (repeatable).")
+@click.argument("golden", type=click.Path(path_type=Path), required=False)
+@click.argument("target", type=click.Path(path_type=Path), required=False)
+@click.option("--dir1", "-gp", "--golden-path", "golden_opt", type=click.Path(path_type=Path),
+              help="GOLDEN given as an option (vLLM's --dir1, msIT's -gp/--golden-path).")
+@click.option("--dir2", "-mp", "--my-path", "target_opt", type=click.Path(path_type=Path),
+              help="TARGET given as an option (vLLM's --dir2, msIT's -mp/--my-path).")
+@click.option("-o", "--output", "outputs", multiple=True,
+              help="Write a report; the extension picks the format: .md .csv .json .html (none or .txt: Markdown; "
+                   "an existing folder or one ending in '/': a CSV report in it). Repeatable.")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="Also write the JSON report here.")
 @click.option("--rtol", type=float, help="Relative tolerance: switches the test to element-wise allclose.")
 @click.option("--atol", type=float, help="Absolute tolerance: switches the test to element-wise allclose.")
@@ -164,41 +177,75 @@ def split_patterns(values: tuple[str, ...]) -> list[str]:
 @click.option("--metric", "metrics", multiple=True, help="Metric columns to show (repeatable).")
 @click.option("--threshold", "thresholds", multiple=True, help="NAME=VALUE limit replacing the default budget "
               "(e.g. cosine=0.999, kl=0.005; repeatable).")
-@click.option("--algorithm", "algorithms", multiple=True, help="FILE.py:FUNCTION user metric (repeatable).")
+@click.option("--preset", type=click.Choice(["msit"]), help="Judge logits by a named rule: msit = cosine > 0.999 "
+              "and KL < 0.005 (bf16) / 0.0001 (fp16).")
+@click.option("-cl", "--compare-level", "level", type=click.Choice(["layer", "token"]), default="layer",
+              show_default=True, help="token: compare only the logits of each token (msIT's -cl token).")
+@click.option("--algorithm", "-alg", "--custom-algorithms", "algorithms", multiple=True,
+              help="FILE.py:FUNCTION user metric (repeatable).")
 @click.option("--map", "mapping", type=click.Path(path_type=Path), help="YAML/JSON module renaming rules.")
 @click.option("--allow-missing", is_flag=True, help="Entries on one side only do not make the verdict incomplete.")
 @click.option("-v", "--verbose", is_flag=True, help="List every entry that does not pass.")
-def compare(golden: Path, target: Path, outputs: tuple[Path, ...], json_file: Path | None, rtol: float | None,
-            atol: float | None, steps: str | None, modules: tuple[str, ...], metrics: tuple[str, ...],
-            thresholds: tuple[str, ...], algorithms: tuple[str, ...], mapping: Path | None, allow_missing: bool,
+def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, target_opt: Path | None,
+            outputs: tuple[str, ...], json_file: Path | None, rtol: float | None, atol: float | None,
+            steps: str | None, modules: tuple[str, ...], metrics: tuple[str, ...], thresholds: tuple[str, ...],
+            preset: str | None, level: str, algorithms: tuple[str, ...], mapping: Path | None, allow_missing: bool,
             verbose: bool) -> None:
-    """Compare GOLDEN and TARGET dumps. Exit 0: match, 1: diverged or incomplete, 2: bad input."""
+    """Compare GOLDEN and TARGET dumps. Exit 0: match, 1: diverged or incomplete, 2: bad input.
+
+    Either side may be an llmdiff, msProbe, msIT, vLLM or SGLang dump.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from llmdiff.api import compare as run_compare
     from llmdiff.compare.tolerance import parse_thresholds
-    from llmdiff.report.model import FORMATS
-    from llmdiff.report.terminal import print_comparison
 
-    for path in outputs:
-        if path.suffix.lower() not in FORMATS:
-            raise LlmdiffError(f"-o: cannot tell the format of {path}; use .md, .csv, .json or .html")
+    golden, target = _two_dumps(golden, target, golden_opt, target_opt)
+    report_paths = [_report_path(path) for path in outputs]
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True,
                   disable=not err_console.is_terminal) as bar:
         task = bar.add_task("comparing", total=None)
         report = run_compare(golden, target, rtol=rtol, atol=atol, steps=steps, modules=split_patterns(modules),
                              thresholds=parse_thresholds(thresholds), mapping=mapping, metrics=metrics,
-                             algorithms=algorithms, allow_missing=allow_missing,
+                             algorithms=algorithms, allow_missing=allow_missing, preset=preset, level=level,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    from llmdiff.report.terminal import print_comparison
+
     print_comparison(report.comparison, console, verbose=verbose)
-    for path in outputs:
+    for path in report_paths:
         report.save(path, verbose=verbose)
         console.print(f"report: {path}")
     if json_file is not None:
         report.to_json(json_file)
         console.print(f"report: {json_file}")
     sys.exit(report.exit_code)
+
+
+def _two_dumps(golden: Path | None, target: Path | None, golden_opt: Path | None,
+               target_opt: Path | None) -> tuple[Path, Path]:
+    given = [p for p in (golden, target) if p is not None]
+    if golden_opt is not None:
+        given.insert(0, golden_opt)
+    if target_opt is not None:
+        given.append(target_opt)
+    if len(given) != 2:
+        raise LlmdiffError(f"compare needs two dumps (GOLDEN TARGET, or --dir1/--dir2, or -gp/-mp); got {len(given)}")
+    return given[0], given[1]
+
+
+def _report_path(name: str) -> Path:
+    """A folder (msIT's -o) gets a CSV report inside; other paths must name a known format (none or .txt: Markdown)."""
+    from llmdiff.report.model import FORMATS
+
+    path = Path(name)
+    if path.is_dir() or name.endswith(("/", os.sep)):
+        stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+        path.mkdir(parents=True, exist_ok=True)
+        return path / f"llmdiff_cmp_report_{stamp}.csv"
+    if path.suffix.lower() not in (*FORMATS, "", ".txt"):
+        raise LlmdiffError(f"-o: cannot tell the format of {path}; use .md, .csv, .json or .html")
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,8 @@ Grammar
              keeps only the i-th call of that module within a step (inputs and outputs of that call).
              A ``:`` elsewhere stays part of the regex (``(?:q|k)_proj`` works).
 ``types``    module class names (``LlamaDecoderLayer``); an entry must match both lists when both are set.
+``scope``    ``[first, last]``: two module regexes; in each step, capture from the call of ``first`` to the
+             end of the call of ``last`` (execution order; msProbe's ``scope``), combined with the rest.
 ``steps``    ``"all"``, ``"0"``, ``"0-3"``, ``"0,2,5-7"``.
 ``parts``    ``"inputs"``, ``"outputs"`` or ``"both"``; keyword arguments count as inputs.
 ``mode``     ``"tensor"`` (full tensors plus statistics) or ``"stats"`` (statistics only).
@@ -79,6 +81,7 @@ class CaptureConfig:
     ranks: frozenset[int] | None = None
     max_tensor_size: int | None = None
     hash: bool = False
+    scope: tuple[ModulePattern, ModulePattern] | None = None
 
     def selects_module(self, module_path: str, type_name: str) -> bool:
         """Whether any call of this module can be captured (call indices are checked later)."""
@@ -107,6 +110,7 @@ class CaptureConfig:
             "ranks": None if self.ranks is None else sorted(self.ranks),
             "max_tensor_size": self.max_tensor_size,
             "hash": self.hash,
+            "scope": None if self.scope is None else [str(p) for p in self.scope],
         }
 
 
@@ -191,12 +195,20 @@ def make_config(
     ranks: str | int | Iterable[int] | None = None,
     max_tensor_size: int | None = None,
     hash: bool = False,
+    scope: Iterable[str] | None = None,
 ) -> CaptureConfig:
     """Validate user options and build a :class:`CaptureConfig`. Raises :class:`UsageError`."""
     if max_tensor_size is not None and (
         isinstance(max_tensor_size, bool) or not isinstance(max_tensor_size, int) or max_tensor_size < 0
     ):
         raise UsageError(f"max_tensor_size: expected a non-negative element count, got {max_tensor_size!r}")
+    window = None
+    if scope is not None:
+        items = [scope] if isinstance(scope, str) else list(scope)
+        if len(items) != 2:
+            raise UsageError(f"scope: expected [first, last] module regexes, got {scope!r}")
+        first, last = parse_modules(items, "scope")
+        window = (first, last)
     return CaptureConfig(
         modules=parse_modules(modules),
         types=frozenset(_str_list(types, "types")),
@@ -207,14 +219,68 @@ def make_config(
         ranks=_int_list(ranks, "ranks"),
         max_tensor_size=max_tensor_size,
         hash=bool(hash),
+        scope=window,
     )
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(CaptureConfig))
 
+#: vLLM's ``--intermediate-log-config`` keys. ``max_tensor_size`` is shared with llmdiff's own options.
+VLLM_KEYS = frozenset({"enabled", "output_dir", "module_call_match", "log_step_ids", "max_tensor_size",
+                       "device_names"})
+VLLM_DEFAULT_OUTPUT_DIR = "/tmp/vllm_intermediates"
+
+
+def is_vllm_config(options: Mapping[str, Any]) -> bool:
+    """Whether a JSON object is a vLLM intermediate-logging config rather than llmdiff options."""
+    return bool(options) and set(options) <= VLLM_KEYS and bool(set(options) - {"max_tensor_size"})
+
+
+@dataclass(frozen=True)
+class VllmLogConfig:
+    """A vLLM intermediate-logging config, read as vLLM documents it: ``module_call_match`` regexes
+    (string or list, ``:i`` = i-th call), ``log_step_ids`` (default ``[0]``), ``device_names`` (default
+    all), ``max_tensor_size`` (larger tensors keep statistics here, where vLLM skips them),
+    ``output_dir`` (default ``/tmp/vllm_intermediates``; each run gets a new sub-folder), ``enabled``."""
+
+    capture: CaptureConfig
+    output_dir: Path
+    enabled: bool
+
+    def new_run_dir(self) -> Path:
+        """``<output_dir>/<random id>``, as vLLM names its runs."""
+        import uuid
+
+        return self.output_dir / str(uuid.uuid4())
+
+
+def vllm_config(options: Mapping[str, Any], source: str = "config") -> VllmLogConfig:
+    """Translate vLLM's ``--intermediate-log-config`` object. Raises :class:`UsageError` on bad values."""
+    unknown = sorted(set(options) - VLLM_KEYS)
+    if unknown:
+        raise UsageError(f"{source}: unknown vLLM intermediate-log option(s) {', '.join(unknown)}")
+    steps = options.get("log_step_ids", [0])
+    if isinstance(steps, int):
+        steps = [steps]
+    parse_modules(options.get("module_call_match"), f"{source}: module_call_match")
+    parse_steps(steps if steps else "all", f"{source}: log_step_ids")
+    devices = [d.replace("_", ":") for d in _str_list(options.get("device_names"), f"{source}: device_names")]
+    capture = make_config(modules=options.get("module_call_match"), steps=steps if steps else "all", devices=devices,
+                          max_tensor_size=options.get("max_tensor_size"))
+    enabled = options.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise UsageError(f"{source}: enabled: expected true or false, got {enabled!r}")
+    output_dir = options.get("output_dir") or VLLM_DEFAULT_OUTPUT_DIR
+    if not isinstance(output_dir, str):
+        raise UsageError(f"{source}: output_dir: expected a path, got {output_dir!r}")
+    return VllmLogConfig(capture, Path(output_dir), enabled)
+
 
 def config_from_mapping(options: Mapping[str, Any], source: str = "config") -> CaptureConfig:
-    """Build a config from a JSON object (a config file, or the environment of a zero-code run)."""
+    """Build a config from a JSON object: llmdiff options (a config file, the environment of a zero-code
+    run) or a vLLM intermediate-logging config (see :class:`VllmLogConfig`)."""
+    if is_vllm_config(options):
+        return vllm_config(options, source).capture
     unknown = sorted(set(options) - OPTION_NAMES)
     if unknown:
         raise UsageError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTION_NAMES))}")
@@ -222,9 +288,11 @@ def config_from_mapping(options: Mapping[str, Any], source: str = "config") -> C
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON config file into plain options (validated later by :func:`config_from_mapping`)."""
+    """Read a JSON config file (or inline JSON, as vLLM's ``--intermediate-log-config '{...}'``) into plain
+    options (validated later by :func:`config_from_mapping`)."""
     try:
-        data = json.loads(Path(path).read_text())
+        text = str(path) if str(path).lstrip().startswith("{") else Path(path).read_text()
+        data = json.loads(text)
     except OSError as exc:
         raise UsageError(f"--config: cannot read {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:

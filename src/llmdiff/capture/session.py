@@ -20,7 +20,7 @@ import platform
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,12 @@ class Capture:
         self.entries = 0
         self.calls_seen = 0
         self._started = False
+        self._paused = False
+        self._in_scope = False
         self._handles: list[RemovableHandle] = []
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._models: list[dict[str, str]] = []
+        self._model_index: dict[int, int] = {}
         self._writer: DumpWriter | None = None
         self._start_time = ""
         self._calls: dict[str, int] = {}
@@ -155,12 +158,16 @@ class Capture:
         self.stop()
 
     def start(self) -> Capture:
-        """Register the hooks. Creates the run folder (which must be new or empty) when this session owns it."""
+        """Register the hooks. Creates the run folder (which must be new or empty) when this session owns it;
+        after :meth:`pause`, registers the hooks again and goes on writing into the same run."""
         if self._started:
             return self
-        if self.owns_run_dir and not self._joins_distributed_run():
-            prepare_run_dir(self.run_dir, list(sys.argv), self.config)
-        self._start_time = _now()
+        if self._paused:
+            self._paused = False
+        else:
+            if self.owns_run_dir and not self._joins_distributed_run():
+                prepare_run_dir(self.run_dir, list(sys.argv), self.config)
+            self._start_time = _now()
         if self.model is not None:
             if hasattr(self.model, "_orig_mod"):
                 warnings.warn("llmdiff: this model is wrapped by torch.compile; module hooks do not fire inside "
@@ -173,16 +180,34 @@ class Capture:
         _active.append(self)
         return self
 
-    def stop(self) -> None:
-        """Remove every hook this session added, finish the open step (manual stepping) and drain the writer."""
+    def pause(self) -> None:
+        """Remove the hooks but keep the run open: :meth:`start` resumes, :meth:`stop` finishes.
+
+        Steps are counted on: the next forward pass after a resume is a new step.
+        """
         if not self._started:
             return
+        self._detach()
+        self._paused = True
+        if not self.auto_step and self._step_entries:
+            self._end_step()
+        self._flush()
+
+    def _detach(self) -> None:
         self._started = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._names = weakref.WeakKeyDictionary()
         if self in _active:
             _active.remove(self)
+
+    def stop(self) -> None:
+        """Remove every hook this session added, finish the open step (manual stepping) and drain the writer."""
+        if not self._started and not self._paused:
+            return
+        self._detach()
+        self._paused = False
         if not self.auto_step and self._step_entries:
             self._end_step()
         try:
@@ -217,6 +242,22 @@ class Capture:
         call = self._calls[name] = self._calls.get(name, -1) + 1
         self._record(name, "save", call, "save", "", tensor)
 
+    def save_weights(self, model: nn.Module, name_filter: Callable[[str], bool] | None = None) -> int:
+        """Record ``model``'s parameters (and buffers) as part ``param`` of their modules, in the current
+        step, whatever the step filter says; returns how many were recorded. ``name_filter`` gets each
+        full parameter name (``model.layers.0.mlp.up_proj.weight``)."""
+        count = 0
+        for full_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name_filter is not None and not name_filter(full_name):
+                continue
+            module, _, leaf = full_name.rpartition(".")
+            owner = model.get_submodule(module) if module else model
+            self._record(module, type(owner).__name__, 0, "param", leaf, tensor.detach())
+            count += 1
+        if count and self.auto_step and self._depth == 0:
+            self._flush()
+        return count
+
     @property
     def bytes_written(self) -> int:
         return 0 if self._writer is None else self._writer.bytes_written
@@ -225,11 +266,13 @@ class Capture:
     def _attach(self, root: nn.Module) -> None:
         cfg = self.config
         param = next(root.parameters(), None)
-        self._models.append({
-            "class": type(root).__name__,
-            "dtype": _dtype_name(param.dtype) if param is not None else "",
-            "device": str(param.device) if param is not None else "",
-        })
+        if self._model_index.get(id(root)) is None:
+            self._model_index[id(root)] = len(self._models)
+            self._models.append({
+                "class": type(root).__name__,
+                "dtype": _dtype_name(param.dtype) if param is not None else "",
+                "device": str(param.device) if param is not None else "",
+            })
         for name, module in root.named_modules():
             if module in self._names:
                 continue
@@ -255,6 +298,9 @@ class Capture:
         name = self._names.get(module, type(module).__name__)
         call = self._calls[name] = self._calls.get(name, -1) + 1
         self._open_calls.setdefault(id(module), []).append(call)
+        scope = self.config.scope
+        if scope is not None and not self._in_scope and scope[0].matches(name) and scope[0].call in (None, call):
+            self._in_scope = True
         if "input" in self.config.parts and self._selected(module, name, call):
             self._record_all(module, name, call, "input", args)
             self._record_all(module, name, call, "kwarg", kwargs)
@@ -274,11 +320,14 @@ class Capture:
                 self._record_all(module, name, call, "kwarg", kwargs)
         if "output" in self.config.parts and self._selected(module, name, call):
             self._record_all(module, name, call, "output", output)
+        scope = self.config.scope
+        if scope is not None and self._in_scope and scope[1].matches(name) and scope[1].call in (None, call):
+            self._in_scope = False
         if self._depth == 0 and self.auto_step:
             self._end_step()
 
     def _selected(self, module: nn.Module, name: str, call: int) -> bool:
-        if not self._step_selected():
+        if not self._step_selected() or (self.config.scope is not None and not self._in_scope):
             return False
         selected = self._module_selected.get(name)
         if selected is None:
@@ -291,6 +340,7 @@ class Capture:
 
     # -- steps ----------------------------------------------------------------------------------------
     def _reset_step_state(self) -> None:
+        self._in_scope = False
         self._calls = {}
         self._seen = {}
         self._token_ids = None
@@ -463,7 +513,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_all_after_fork)
 
 
-def capture(model: nn.Module | None, run_dir: str | os.PathLike[str], *, config: CaptureConfig | None = None,
+def capture(model: nn.Module | None, run_dir: str | os.PathLike[str] | None = None, *,
+            config: CaptureConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
             modules: str | Iterable[str] | None = None, types: str | Iterable[str] | None = None,
             steps: str | int | Iterable[int] | None = "0", parts: str = "both", mode: str = "tensor",
             devices: str | Iterable[str] | None = None, ranks: str | int | Iterable[int] | None = None,
@@ -475,14 +526,32 @@ def capture(model: nn.Module | None, run_dir: str | os.PathLike[str], *, config:
     ``types`` class names, ``steps`` like ``"0,2,5-7"`` or ``"all"``, ``parts`` inputs|outputs|both,
     ``devices``, ``ranks``, ``max_tensor_size`` (larger tensors keep statistics only). ``mode`` is
     ``"tensor"`` (full tensors and statistics) or ``"stats"``; ``hash=True`` adds a content hash.
-    ``config`` replaces all of these. ``model=None`` captures every model the process runs.
+    ``model=None`` captures every model the process runs.
+
+    ``config`` replaces all the filters: a :class:`~llmdiff.config.CaptureConfig`, a dict of these
+    options, a vLLM ``--intermediate-log-config`` dict, or a JSON file of either. Without ``run_dir``,
+    a vLLM config's ``output_dir/<random id>`` is used, else ``llmdiff-runs/<time>``.
 
     >>> with llmdiff.capture(model, "runs/fp32", modules=[r"layers\\.0\\."], steps="0-3") as run:
     ...     model.generate(**inputs)
     """
+    from llmdiff.config import config_from_mapping, is_vllm_config, load_config_file, vllm_config
+
+    default_dir: Path | None = None
     if config is None:
         config = make_config(modules=modules, types=types, steps=steps, parts=parts, mode=mode, devices=devices,
                              ranks=ranks, max_tensor_size=max_tensor_size, hash=hash)
+    elif not isinstance(config, CaptureConfig):
+        source = "config"
+        if isinstance(config, (str, os.PathLike)):
+            source, config = str(config), load_config_file(str(config))
+        if is_vllm_config(config):
+            vllm = vllm_config(config, source)
+            config, default_dir = vllm.capture, vllm.new_run_dir()
+        else:
+            config = config_from_mapping(config, source)
+    if run_dir is None:
+        run_dir = default_dir or Path("llmdiff-runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     return Capture(model, run_dir, config, auto_step=auto_step)
 
 

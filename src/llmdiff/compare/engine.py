@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from llmdiff.capture.stats import tensor_stats
 from llmdiff.compare.align import EntryPair, Mapping, align, squeezed_shape
 from llmdiff.compare.localize import analyze_tokens, find_culprits, first_divergence
 from llmdiff.compare.metrics import TENSOR_METRICS, logits_metrics, pair_stats
@@ -66,8 +67,12 @@ class Options:
     metrics: tuple[str, ...] = ()
     algorithms: dict[str, Algorithm] = field(default_factory=dict)
     allow_missing: bool = False
+    level: str = "layer"
     workers: int | None = None
     progress: Progress | None = None
+
+
+LEVELS = ("layer", "token")
 
 
 def load_algorithm(spec: str) -> tuple[str, Algorithm]:
@@ -127,8 +132,9 @@ class _Comparer:
             return result
         if g.data is not None and t.data is not None:
             self._compare_tensors(result, g, t, dtype)
-        elif g.stats and t.stats:
-            self._compare_stats(result, g.stats, t.stats, dtype)
+        elif (g.stats or g.data) and (t.stats or t.data):  # statistics on one side at least
+            self._compare_stats(result, g.stats or tensor_stats(self.golden.load(g)),
+                                t.stats or tensor_stats(self.target.load(t)), dtype)
         else:
             result.status, result.kind = NOT_COMPARABLE, "none"
             result.reason = g.note or t.note or "no data or statistics on one side"
@@ -166,7 +172,11 @@ class _Comparer:
             # Softmax ignores a constant shift of the logits, so rel_l2 and cosine of raw logits overstate
             # differences that change nothing: logits are judged by their distributions (KL) instead.
             ok, reason = not metrics["nonfinite_mismatch"], f"{metrics['nonfinite_mismatch']} NaN/Inf mismatches"
-            budget = KL_BUDGET[dtype]
+            budget = tolerance.kl_budget(dtype)
+            min_cosine = tolerance.logits_min_cosine
+            if ok and min_cosine is not None and not metrics["cosine"] > min_cosine:
+                ok, reason = False, (f"logits cosine {metrics['cosine']:.6f} <= {min_cosine:g} "
+                                     f"({tolerance.preset} preset)")
             if ok and not metrics["kl"] <= budget:
                 ok, reason = False, f"logits KL {metrics['kl']:.3g} > {budget:g} ({dtype} budget)"
             if ok and not metrics["kl_max"] <= KL_WORST_POSITION * budget:
@@ -257,6 +267,8 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     """Compare two opened dumps. See :func:`llmdiff.compare` for the options."""
     options = options or Options()
     pairs = align(golden.entries, target.entries, options.mapping, options.steps, options.modules)
+    if options.level == "token":  # msIT's -cl token: the logits of each token only
+        pairs = [p for p in pairs if is_logits(p.any)]
     golden_ids, target_ids = _step_token_ids(golden, options.steps), _step_token_ids(target, options.steps)
     tokens_differ = _steps_after_token_mismatch(golden_ids, target_ids)
     workers = options.workers or _default_workers(golden.entries)
@@ -276,15 +288,26 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     first = first_divergence(entries)
     notes: list[str] = []
     missing = [e for e in entries if e.status in MISSING]
+    # Two tools capture different things (msIT saves no keyword inputs, msProbe adds parameters...):
+    # across formats, entries on one side only are listed but are not a gap in the evidence.
+    cross_tool = golden.format != target.format
+    allow_missing = options.allow_missing or cross_tool
     flip = tokens.first_flip
     departure = flip is not None and flip.get("near_tie") is not True
-    if missing and not options.allow_missing:
+    paired = len(entries) - len(missing)
+    if missing and (not allow_missing or paired == 0):
         verdict = INCOMPLETE
     elif first is not None or departure or tokens.first_input_mismatch == 0 or any(c.confirmed for c in culprits):
         verdict = DIVERGED
     else:
         verdict = MATCH
-    if missing:
+    if missing and paired == 0:
+        notes.append("no entry of one dump pairs with an entry of the other: if the module names differ, map them "
+                     "with --map")
+    elif missing and cross_tool:
+        notes.append(f"{len(missing)} entries are present on one side only: the golden ({golden.format}) and the "
+                     f"target ({target.format}) capture different things, so they do not decide the verdict")
+    elif missing:
         notes.append(f"{len(missing)} entries are present on one side only"
                      + ("" if options.allow_missing else " (verdict 'incomplete'; narrow with --modules/--steps "
                         "or pass --allow-missing)"))
@@ -305,7 +328,8 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     tol = options.tolerance
     settings = {"rtol": tol.rtol, "atol": tol.atol, "thresholds": dict(tol.thresholds),
                 "steps": None if options.steps is None else str(options.steps),
-                "modules": [str(m) for m in options.modules], "allow_missing": options.allow_missing,
+                "modules": [str(m) for m in options.modules], "allow_missing": allow_missing,
+                "preset": tol.preset, "level": options.level, "formats": [golden.format, target.format],
                 "rel_l2_budgets": REL_L2_BUDGET, "kl_budgets": KL_BUDGET}
     return Comparison(verdict=verdict, golden=str(golden.path), target=str(target.path), first_divergence=first,
                       culprits=culprits if verdict != INCOMPLETE or culprits else [], tokens=tokens,
@@ -318,7 +342,7 @@ def options_from(rtol: float | None = None, atol: float | None = None, steps: st
                  modules: Sequence[str] | str | None = None, thresholds: dict[str, float] | None = None,
                  mapping: Mapping | str | Path | None = None, metrics: Sequence[str] = (),
                  algorithms: Sequence[str] = (), allow_missing: bool = False, workers: int | None = None,
-                 progress: Progress | None = None) -> Options:
+                 progress: Progress | None = None, preset: str | None = None, level: str = "layer") -> Options:
     """Validate user-facing options into :class:`Options`."""
     from llmdiff.compare.align import load_mapping
     from llmdiff.config import parse_modules, parse_steps
@@ -328,19 +352,22 @@ def options_from(rtol: float | None = None, atol: float | None = None, steps: st
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not value >= 0:
             raise UsageError(f"--{name}: expected a non-negative number, got {value}")
+    if level not in LEVELS:
+        raise UsageError(f"--compare-level: {level!r} is not one of {', '.join(LEVELS)}")
     known = set(TENSOR_METRICS) | {"mismatches", "kl", "kl_max", "top1_agree", "golden_margin", "norm_rel"}
     loaded = dict(load_algorithm(spec) for spec in algorithms)
     unknown = [m for m in metrics if m not in known and m not in loaded]
     if unknown:
         raise UsageError(f"--metric: unknown metric(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return Options(
-        tolerance=Tolerance(rtol=rtol, atol=atol, thresholds=thresholds or {}),
+        tolerance=Tolerance(rtol=rtol, atol=atol, thresholds=thresholds or {}, preset=preset),
         steps=None if steps is None else parse_steps(steps, "--steps"),
         modules=parse_modules(list(modules or []), "--modules"),
         mapping=load_mapping(mapping) if isinstance(mapping, (str, Path)) else mapping,
         metrics=tuple(metrics),
         algorithms=loaded,
         allow_missing=allow_missing,
+        level=level,
         workers=workers,
         progress=progress,
     )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmdiff.compare.metrics import HIGHER_IS_BETTER
 from llmdiff.errors import UsageError
@@ -55,6 +56,11 @@ REL_L2_BUDGET = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-2, "bfloat16":
 KL_BUDGET = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2,
              "float8_e4m3fn": 0.1, "float8_e5m2": 0.2}
 
+#: Named logits rules (``--preset``). ``msit``: msIT's guideline for logits, cosine > 0.999 and KL under
+#: 0.005 (bfloat16) or 0.0001 (float16); dtypes it does not name keep llmdiff's budget.
+PRESETS: dict[str, dict[str, Any]] = {
+    "msit": {"cosine": 0.999, "kl": {"bfloat16": 5e-3, "float16": 1e-4}},
+}
 
 
 def lower_precision(*dtypes: str) -> str:
@@ -75,6 +81,20 @@ class Tolerance:
     rtol: float | None = None
     atol: float | None = None
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UsageError(f"--preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+
+    def kl_budget(self, dtype: str) -> float:
+        """The mean-KL limit for logits at ``dtype``: the preset's, else llmdiff's budget."""
+        preset = PRESETS.get(self.preset or "", {})
+        return float(preset.get("kl", {}).get(dtype, KL_BUDGET[dtype]))
+
+    @property
+    def logits_min_cosine(self) -> float | None:
+        return PRESETS.get(self.preset or "", {}).get("cosine")
 
     @property
     def allclose(self) -> bool:

@@ -72,8 +72,9 @@ class Report:
         return _write(render_html(self.comparison), path)
 
     def save(self, path: str | Path, verbose: bool = False) -> None:
-        """Write the report in the format its extension names (.md, .csv, .json, .html)."""
-        fmt = FORMATS.get(Path(path).suffix.lower())
+        """Write the report in the format its extension names (.md, .csv, .json, .html; none or .txt: Markdown)."""
+        suffix = Path(path).suffix.lower()
+        fmt = "markdown" if suffix in ("", ".txt") else FORMATS.get(suffix)
         if fmt is None:
             raise UsageError(f"-o: cannot tell the format of {path}; use .md, .csv, .json or .html")
         if fmt == "markdown":

@@ -61,10 +61,27 @@ class Dump:
                 return proc.folder
         return self.path
 
+    def data_file(self, entry: Entry) -> Path | None:
+        """The file holding ``entry``'s tensor (None for a stats-only entry)."""
+        if entry.data is None:
+            return None
+        if self.format != "llmdiff":  # foreign readers name files relative to the dump folder
+            return self.path / entry.data["file"]
+        return self.process_folder(entry.process) / entry.data["file"]
+
     def load(self, entry: Entry) -> torch.Tensor:
-        """The full tensor of ``entry`` (on the CPU). Raises DumpError for a stats-only entry."""
+        """The full tensor of ``entry`` (on the CPU). Raises DumpError for a stats-only entry.
+
+        Foreign ``.pt`` files are read with ``torch.load(weights_only=True)``: never code from a dump.
+        """
         if entry.data is None:
             raise DumpError(f"{entry.name}: only statistics were captured (use mode='tensor')")
+        if self.format != "llmdiff":
+            from llmdiff.store.formats.torchfile import load_tensor
+
+            file = self.data_file(entry)
+            assert file is not None
+            return load_tensor(file, entry.data.get("key", ""))
         key = (entry.process, entry.data["file"])
         handle = self._handles.get(key)
         if handle is None:
@@ -152,7 +169,9 @@ def is_llmdiff_dump(path: Path) -> bool:
 
 
 def open_dump(path: str | Path) -> Dump:
-    """Open a dump folder for reading. Raises :class:`DumpError` when it is not one."""
+    """Open a dump folder for reading: llmdiff's own, or one written by msProbe, msIT, vLLM's
+    intermediate logging or SGLang's dumper (see :mod:`llmdiff.store.formats`). Raises
+    :class:`DumpError` when it is none of these."""
     folder = Path(path)
     if not folder.exists():
         raise DumpError(f"{folder}: no such dump folder")
@@ -160,4 +179,10 @@ def open_dump(path: str | Path) -> Dump:
         raise DumpError(f"{folder}: a dump is a folder, not a file")
     if is_llmdiff_dump(folder):
         return open_llmdiff_dump(folder)
-    raise DumpError(f"{folder}: not an llmdiff dump (no run.json or manifest.jsonl found)")
+    from llmdiff.store.formats import open_foreign_dump
+
+    dump = open_foreign_dump(folder)
+    if dump is None:
+        raise DumpError(f"{folder}: not a dump llmdiff can read (neither llmdiff's run.json/manifest.jsonl nor an "
+                        "msProbe, msIT, vLLM or SGLang dump layout)")
+    return dump

@@ -35,11 +35,8 @@ def summarize(dump: Dump) -> DumpSummary:
     """Count what ``dump`` holds and find the first entry, in execution order, with a NaN or Inf."""
     entries = dump.entries
     bad = [e for e in entries if _nonfinite(e)]
-    files = {(e.process, e.data["file"]) for e in entries if e.data}
-    data_bytes = 0
-    for process, name in files:
-        path = dump.process_folder(process) / name
-        data_bytes += path.stat().st_size if path.is_file() else 0
+    files = {dump.data_file(e) for e in entries if e.data}
+    data_bytes = sum(path.stat().st_size for path in files if path is not None and path.is_file())
     return DumpSummary(
         path=str(dump.path),
         format=dump.format,
