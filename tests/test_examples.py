@@ -103,3 +103,11 @@ def test_bench_script_runs(tmp_path):
     out = run([sys.executable, EXAMPLES.parent / "bench" / "run.py", "--quick", "--reps", "1", "--tokens", "2"],
               tmp_path)
     assert "ratio: stats" in out and "no capture" in out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_seed_tools(model, tmp_path):
+    out = run([sys.executable, EXAMPLES / "seed_tools.py", "--model", model, "--out", tmp_path / "r",
+               "--tokens", "4"], tmp_path)
+    assert "verdict: match" in out and "steps compared: [0, 1, 2, 3]" in out
+    assert (tmp_path / "r" / "report.md").is_file()

@@ -283,7 +283,10 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     golden.close()
     target.close()
 
-    tokens = analyze_tokens(entries, golden_ids, target_ids, dict(options.tolerance.thresholds))
+    token_thresholds = dict(options.tolerance.thresholds)
+    if options.tolerance.logits_min_cosine is not None:
+        token_thresholds.setdefault("cosine", options.tolerance.logits_min_cosine)
+    tokens = analyze_tokens(entries, golden_ids, target_ids, token_thresholds, options.tolerance.kl_budget)
     culprits, had_inputs = find_culprits(entries)
     first = first_divergence(entries)
     notes: list[str] = []

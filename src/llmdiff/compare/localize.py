@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,8 +215,10 @@ def _int(value: object) -> int | None:
 
 
 def analyze_tokens(entries: Sequence[EntryResult], golden_ids: dict[tuple[int, int], Any],
-                   target_ids: dict[tuple[int, int], Any], thresholds: dict[str, float]) -> Tokens:
-    """Per-step logits comparison, the first step out of budget and the first greedy-token flip."""
+                   target_ids: dict[tuple[int, int], Any], thresholds: dict[str, float],
+                   kl_budget: Callable[[str], float] = KL_BUDGET.__getitem__) -> Tokens:
+    """Per-step logits comparison, the first step out of budget and the first greedy-token flip.
+    ``thresholds`` may set ``cosine`` and ``kl``; ``kl_budget(dtype)`` is the KL limit otherwise."""
     tokens = Tokens()
     steps: dict[tuple[int, int], TokenStep] = {}
     parted: set[int] = set()  # ranks whose runs were fed different tokens: later steps differ in context too
@@ -229,7 +231,7 @@ def analyze_tokens(entries: Sequence[EntryResult], golden_ids: dict[tuple[int, i
         tokens.logits_entry = logits[0].name
         dtype = lower_precision(logits[0].golden_dtype or "", logits[0].target_dtype or "")
         cos_min = thresholds.get("cosine", 0.0)
-        kl_max = thresholds.get("kl", KL_BUDGET[dtype])
+        kl_max = thresholds.get("kl", kl_budget(dtype))
         tokens.budget = {"kl": kl_max, **({"cosine": cos_min} if "cosine" in thresholds else {})}
         for e in logits:
             m = e.metrics

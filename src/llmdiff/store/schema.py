@@ -24,8 +24,9 @@ MANIFEST_FILE = "manifest.jsonl"
 SHARD_TEMPLATE = "shard-{:06d}.safetensors"
 PARTIAL_SUFFIX = ".partial"
 
-#: part names; ``kwarg`` is an input passed by keyword, ``save`` a tensor given to ``llmdiff.save``.
-PARTS = ("input", "kwarg", "output", "save")
+#: part names; ``kwarg`` is an input passed by keyword, ``save`` a tensor given to ``llmdiff.save``,
+#: ``param`` a module parameter or buffer (its ``path`` is the parameter's name).
+PARTS = ("input", "kwarg", "output", "save", "param")
 
 
 @dataclass
