@@ -14,6 +14,10 @@ Grammar
 ``steps``    ``"all"``, ``"0"``, ``"0-3"``, ``"0,2,5-7"``.
 ``parts``    ``"inputs"``, ``"outputs"`` or ``"both"``; keyword arguments count as inputs.
 ``mode``     ``"tensor"`` (full tensors plus statistics) or ``"stats"`` (statistics only).
+``level``    ``"module"`` (module inputs/outputs), ``"op"`` (the torch ops run inside modules, named
+             ``<module>/<op>``; ``modules`` regexes apply to that name) or ``"mix"`` (both).
+``ops_file`` a YAML file of ``allow``/``deny`` op-name lists (default: llmdiff's ``capture/ops.yaml``);
+             ``ops_allow``/``ops_deny`` add names to them.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llmdiff.errors import UsageError
 
 MODES = ("tensor", "stats")
+LEVELS = ("module", "op", "mix")
 PARTS = {"inputs": frozenset({"input"}), "outputs": frozenset({"output"}), "both": frozenset({"input", "output"})}
 _CALL_SUFFIX = re.compile(r"^(?P<regex>.*):(?P<call>\d+)$")
 
@@ -82,6 +89,10 @@ class CaptureConfig:
     max_tensor_size: int | None = None
     hash: bool = False
     scope: tuple[ModulePattern, ModulePattern] | None = None
+    level: str = "module"
+    ops_file: str | None = None
+    ops_allow: tuple[str, ...] = ()
+    ops_deny: tuple[str, ...] = ()
 
     def selects_module(self, module_path: str, type_name: str) -> bool:
         """Whether any call of this module can be captured (call indices are checked later)."""
@@ -111,6 +122,10 @@ class CaptureConfig:
             "max_tensor_size": self.max_tensor_size,
             "hash": self.hash,
             "scope": None if self.scope is None else [str(p) for p in self.scope],
+            "level": self.level,
+            "ops_file": self.ops_file,
+            "ops_allow": list(self.ops_allow),
+            "ops_deny": list(self.ops_deny),
         }
 
 
@@ -196,6 +211,10 @@ def make_config(
     max_tensor_size: int | None = None,
     hash: bool = False,
     scope: Iterable[str] | None = None,
+    level: str = "module",
+    ops_file: str | None = None,
+    ops_allow: str | Iterable[str] | None = None,
+    ops_deny: str | Iterable[str] | None = None,
 ) -> CaptureConfig:
     """Validate user options and build a :class:`CaptureConfig`. Raises :class:`UsageError`."""
     if max_tensor_size is not None and (
@@ -209,7 +228,7 @@ def make_config(
             raise UsageError(f"scope: expected [first, last] module regexes, got {scope!r}")
         first, last = parse_modules(items, "scope")
         window = (first, last)
-    return CaptureConfig(
+    config = CaptureConfig(
         modules=parse_modules(modules),
         types=frozenset(_str_list(types, "types")),
         steps=parse_steps(steps),
@@ -220,7 +239,56 @@ def make_config(
         max_tensor_size=max_tensor_size,
         hash=bool(hash),
         scope=window,
+        level=_choice(level, LEVELS, "level"),
+        ops_file=None if ops_file is None else str(ops_file),
+        ops_allow=_str_list(ops_allow, "ops_allow"),
+        ops_deny=_str_list(ops_deny, "ops_deny"),
     )
+    if config.level != "module" or config.ops_file is not None:
+        op_filter(config)  # a bad ops file is an error now, not in the middle of a run
+    return config
+
+
+DEFAULT_OPS_FILE = Path(__file__).with_name("ops.yaml")
+
+
+@dataclass(frozen=True)
+class OpFilter:
+    """Which ops to record, by name (:func:`llmdiff.capture.ops.op_name`): those in ``allow`` when it is
+    not empty, else all but those in ``deny``."""
+
+    allow: frozenset[str] = frozenset()
+    deny: frozenset[str] = frozenset()
+
+    def __call__(self, name: str) -> bool:
+        if self.allow:
+            return name in self.allow
+        return name not in self.deny
+
+
+def load_op_filter(path: str | Path | None = None, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> OpFilter:
+    """The lists of ``path`` (default: the shipped ``ops.yaml``) plus ``allow``/``deny`` given directly."""
+    file = Path(path) if path is not None else DEFAULT_OPS_FILE
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except OSError as exc:
+        raise UsageError(f"ops_file: cannot read {file}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"ops_file: {file} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not set(data) <= {"allow", "deny"}:
+        raise UsageError(f"ops_file: {file} must hold 'allow' and/or 'deny' lists of op names")
+    lists = {}
+    for key in ("allow", "deny"):
+        items = data.get(key) or []
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise UsageError(f"ops_file: {file}: '{key}' must be a list of op names")
+        lists[key] = items
+    return OpFilter(frozenset([*lists["allow"], *allow]), frozenset([*lists["deny"], *deny]))
+
+
+def op_filter(config: CaptureConfig) -> OpFilter:
+    """The op filter ``config`` asks for."""
+    return load_op_filter(config.ops_file, config.ops_allow, config.ops_deny)
 
 
 OPTION_NAMES = frozenset(f.name for f in fields(CaptureConfig))

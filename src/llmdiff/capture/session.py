@@ -29,8 +29,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from llmdiff.capture.flatten import flatten
+from llmdiff.capture.ops import OpRecorder
 from llmdiff.capture.stats import batch_stats, content_hash, tensor_stats
-from llmdiff.config import CaptureConfig, make_config
+from llmdiff.config import CaptureConfig, make_config, op_filter
 from llmdiff.errors import LlmdiffError
 from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, Entry, StepRecord
 from llmdiff.store.writer import DumpWriter
@@ -115,12 +116,13 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module | None, run_dir: str | os.PathLike[str], config: CaptureConfig | None = None,
-                 *, auto_step: bool = True, owns_run_dir: bool = True) -> None:
+                 *, auto_step: bool = True, owns_run_dir: bool = True, weights: bool = False) -> None:
         self.model = model
         self.run_dir = Path(run_dir)
         self.config = config or make_config()
         self.auto_step = auto_step
         self.owns_run_dir = owns_run_dir
+        self.weights = weights
         self.folder: Path | None = None
         self.rank: int | None = None
         self.current_step = 0
@@ -149,6 +151,11 @@ class Capture:
         self._pending: list[tuple[Entry, torch.Tensor | None, int | None, bool]] = []
         self._pending_bytes = 0
         self._pinned_calls = any(p.call is not None for p in self.config.modules)
+        self._module_stack: list[str] = []
+        self._busy = False  # the capture's own torch calls are not ops of the model
+        self._weights_saved = False
+        self._op_mode: OpRecorder | None = None
+        self._ops_wanted = op_filter(self.config) if self.config.level != "module" else None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> Capture:
@@ -176,6 +183,13 @@ class Capture:
             self._attach(self.model)
         else:
             self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._discover))
+        if self.weights and self.model is not None and not self._weights_saved:
+            config = self.config
+            self._weights_saved = True
+            self.save_weights(self.model, lambda name: config.selects_module(name.rpartition(".")[0], ""))
+        if self._ops_wanted is not None:
+            self._op_mode = OpRecorder(self._op_wanted, lambda: self._busy, self._record_op)
+            self._op_mode.__enter__()
         self._started = True
         _active.append(self)
         return self
@@ -194,6 +208,9 @@ class Capture:
         self._flush()
 
     def _detach(self) -> None:
+        if self._op_mode is not None:
+            self._op_mode.__exit__(None, None, None)
+            self._op_mode = None
         self._started = False
         for handle in self._handles:
             handle.remove()
@@ -240,7 +257,11 @@ class Capture:
         if not self._step_selected():
             return
         call = self._calls[name] = self._calls.get(name, -1) + 1
-        self._record(name, "save", call, "save", "", tensor)
+        busy, self._busy = self._busy, True
+        try:
+            self._record(name, "save", call, "save", "", tensor)
+        finally:
+            self._busy = busy
 
     def save_weights(self, model: nn.Module, name_filter: Callable[[str], bool] | None = None) -> int:
         """Record ``model``'s parameters (and buffers) as part ``param`` of their modules, in the current
@@ -277,7 +298,8 @@ class Capture:
             if module in self._names:
                 continue
             self._names[module] = name
-            if module is root or cfg.selects_module(name, type(module).__name__):
+            # Op-level capture names an op by the module running it, so it hooks every module.
+            if module is root or cfg.level != "module" or cfg.selects_module(name, type(module).__name__):
                 self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
 
@@ -291,6 +313,20 @@ class Capture:
             self._pre(module, args, {})
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        busy, self._busy = self._busy, True
+        try:
+            self._pre_call(module, args, kwargs)
+        finally:
+            self._busy = busy
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        busy, self._busy = self._busy, True
+        try:
+            self._post_call(module, args, kwargs, output)
+        finally:
+            self._busy = busy
+
+    def _pre_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.calls_seen += 1
         if self._depth == 0 and self.auto_step:
             self._begin_step(args, kwargs)
@@ -298,6 +334,7 @@ class Capture:
         name = self._names.get(module, type(module).__name__)
         call = self._calls[name] = self._calls.get(name, -1) + 1
         self._open_calls.setdefault(id(module), []).append(call)
+        self._module_stack.append(name)
         scope = self.config.scope
         if scope is not None and not self._in_scope and scope[0].matches(name) and scope[0].call in (None, call):
             self._in_scope = True
@@ -305,12 +342,14 @@ class Capture:
             self._record_all(module, name, call, "input", args)
             self._record_all(module, name, call, "kwarg", kwargs)
 
-    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _post_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         stack = self._open_calls.get(id(module))
         if not stack:  # hooks attached while this call was already running
             return
         call = stack.pop()
         self._depth -= 1
+        if self._module_stack:
+            self._module_stack.pop()
         name = self._names.get(module, type(module).__name__)
         if id(module) in self._kwargs_pending:
             self._kwargs_pending.discard(id(module))
@@ -327,12 +366,37 @@ class Capture:
             self._end_step()
 
     def _selected(self, module: nn.Module, name: str, call: int) -> bool:
-        if not self._step_selected() or (self.config.scope is not None and not self._in_scope):
+        if (self.config.level == "op" or not self._step_selected()
+                or (self.config.scope is not None and not self._in_scope)):
             return False
         selected = self._module_selected.get(name)
         if selected is None:
             selected = self._module_selected[name] = self.config.selects_module(name, type(module).__name__)
         return selected and (not self._pinned_calls or self.config.selects_call(name, call))
+
+    # -- ops ------------------------------------------------------------------------------------------
+    def _op_wanted(self, name: str) -> bool:
+        return self._depth > 0 and self._ops_wanted is not None and self._ops_wanted(name)
+
+    def _record_op(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        self._busy = True
+        try:
+            cfg = self.config
+            full = f"{self._module_stack[-1] if self._module_stack else ''}/{name}"
+            call = self._calls[full] = self._calls.get(full, -1) + 1
+            if not self._step_selected() or (cfg.scope is not None and not self._in_scope):
+                return
+            if cfg.modules and not cfg.selects_call(full, call):
+                return
+            if "input" in cfg.parts:
+                for part, value in (("input", args), ("kwarg", kwargs)):
+                    for path, tensor in flatten(value):
+                        self._record(full, "op", call, part, path, tensor)
+            if "output" in cfg.parts:
+                for path, tensor in flatten(output):
+                    self._record(full, "op", call, "output", path, tensor)
+        finally:
+            self._busy = False
 
     def _step_selected(self) -> bool:
         ranks = self.config.ranks
@@ -341,6 +405,7 @@ class Capture:
     # -- steps ----------------------------------------------------------------------------------------
     def _reset_step_state(self) -> None:
         self._in_scope = False
+        self._module_stack = []
         self._calls = {}
         self._seen = {}
         self._token_ids = None
@@ -518,14 +583,18 @@ def capture(model: nn.Module | None, run_dir: str | os.PathLike[str] | None = No
             modules: str | Iterable[str] | None = None, types: str | Iterable[str] | None = None,
             steps: str | int | Iterable[int] | None = "0", parts: str = "both", mode: str = "tensor",
             devices: str | Iterable[str] | None = None, ranks: str | int | Iterable[int] | None = None,
-            max_tensor_size: int | None = None, hash: bool = False,
-            auto_step: bool = True) -> Capture:
+            max_tensor_size: int | None = None, hash: bool = False, level: str = "module",
+            ops_file: str | os.PathLike[str] | None = None, ops_allow: Iterable[str] | None = None,
+            ops_deny: Iterable[str] | None = None, weights: bool = False, auto_step: bool = True) -> Capture:
     """Capture intermediate tensors of ``model`` into the new folder ``run_dir``.
 
     Filters (see :mod:`llmdiff.config`): ``modules`` regexes with optional ``:i`` call index,
     ``types`` class names, ``steps`` like ``"0,2,5-7"`` or ``"all"``, ``parts`` inputs|outputs|both,
     ``devices``, ``ranks``, ``max_tensor_size`` (larger tensors keep statistics only). ``mode`` is
     ``"tensor"`` (full tensors and statistics) or ``"stats"``; ``hash=True`` adds a content hash.
+    ``level`` is ``"module"``, ``"op"`` (the torch ops run inside modules, named ``<module>/<op>``,
+    chosen by ``ops_file``/``ops_allow``/``ops_deny``) or ``"mix"`` (both). ``weights=True`` also
+    records the parameters of the captured modules once, at the start (part ``param``).
     ``model=None`` captures every model the process runs.
 
     ``config`` replaces all the filters: a :class:`~llmdiff.config.CaptureConfig`, a dict of these
@@ -540,7 +609,9 @@ def capture(model: nn.Module | None, run_dir: str | os.PathLike[str] | None = No
     default_dir: Path | None = None
     if config is None:
         config = make_config(modules=modules, types=types, steps=steps, parts=parts, mode=mode, devices=devices,
-                             ranks=ranks, max_tensor_size=max_tensor_size, hash=hash)
+                             ranks=ranks, max_tensor_size=max_tensor_size, hash=hash, level=level,
+                             ops_file=None if ops_file is None else str(ops_file), ops_allow=ops_allow,
+                             ops_deny=ops_deny)
     elif not isinstance(config, CaptureConfig):
         source = "config"
         if isinstance(config, (str, os.PathLike)):
@@ -552,7 +623,7 @@ def capture(model: nn.Module | None, run_dir: str | os.PathLike[str] | None = No
             config = config_from_mapping(config, source)
     if run_dir is None:
         run_dir = default_dir or Path("llmdiff-runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return Capture(model, run_dir, config, auto_step=auto_step)
+    return Capture(model, run_dir, config, auto_step=auto_step, weights=weights)
 
 
 def save(tensor: torch.Tensor, name: str) -> None:

@@ -83,8 +83,9 @@ class ModuleCall:
     dtypes: list[str] = field(default_factory=list)
 
     def contains(self, other: ModuleCall) -> bool:
-        prefix = self.module + "." if self.module else ""
-        return (other is not self and other.module.startswith(prefix) and other.module != self.module
+        # Submodules are "<module>.<child>", ops run by a module "<module>/<op>".
+        prefixes = (self.module + ".", self.module + "/") if self.module else ("",)
+        return (other is not self and other.module.startswith(prefixes) and other.module != self.module
                 and self.first <= other.first and other.last <= self.last)
 
 
@@ -114,7 +115,10 @@ def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
         if not all(math.isfinite(x) for x in (call.input_error, call.output_error)):
             continue
         call.introduced = math.sqrt(max(call.output_error**2 - call.input_error**2, 0.0))
-        call.dtypes = [d for e in float_outputs for d in (e.golden_dtype or "", e.target_dtype or "")]
+        # The precision a call is held to is its inputs' (else its outputs'): an op given float32 on both
+        # sides that returns float16 on one has lost precision itself, and that loss is its error.
+        float_inputs = [e for e in call.inputs if _float(e)]
+        call.dtypes = [d for e in float_inputs or float_outputs for d in (e.golden_dtype or "", e.target_dtype or "")]
         inputs_ok = all(e.status == PASS for e in call.inputs)
         call.boundary = bool(call.inputs) and inputs_ok and any(e.status == FAIL for e in float_outputs)
         result.append(call)

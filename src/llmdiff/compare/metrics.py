@@ -79,6 +79,21 @@ def _chunks(golden: torch.Tensor, target: torch.Tensor, size: int) -> Iterator[t
         yield g, t, int(np.count_nonzero(keep)), int(np.count_nonzero(~keep & ~both_nan & ~same_inf))
 
 
+#: Beyond this magnitude a chunk is measured in float64: its squares would overflow float32.
+HUGE = 1e18
+
+
+def _measured(g: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(g, t, |g|, |t - g|), in float64 when squares of these values would overflow (e.g. attention
+    masks filled with float32's most negative value)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow here sends the chunk to float64
+        abs_g, abs_d = np.abs(g), np.abs(t - g)
+    if g.dtype != np.float64 and g.size and max(float(abs_g.max()), float(abs_d.max())) > HUGE:
+        g, t = g.astype(np.float64), t.astype(np.float64)
+        abs_g, abs_d = np.abs(g), np.abs(t - g)
+    return g, t, abs_g, abs_d
+
+
 def pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0, atol: float = 0.0) -> PairStats:
     """Gather :class:`PairStats` in two passes (the relative-error floor needs the golden's rms first);
     ``mismatches`` counts elements failing ``|t - g| <= atol + rtol * |g|``.
@@ -97,8 +112,7 @@ def pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0, at
     f64 = np.float64
     for g, t, n, bad in _chunks(golden, target, size):
         # Element-wise work in the compute dtype; every sum accumulates in float64.
-        abs_d = np.abs(t - g)
-        abs_g = np.abs(g)
+        g, t, abs_g, abs_d = _measured(g, t)
         gg, dd = g * g, abs_d * abs_d
         s.n += n
         s.nonfinite_mismatch += bad
@@ -123,11 +137,11 @@ def pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0, at
     else:
         s.worst_row_rel_l2 = rel_l2(s)
     floor = max(REL_FLOOR * math.sqrt(s.gg / s.n), 1e-300) if s.n else 1.0
-    second = kept or ((np.abs(g), np.abs(t - g), g) for g, t, _, _ in _chunks(golden, target, size))
+    second = kept or ((*_measured(g, t)[2:], g) for g, t, _, _ in _chunks(golden, target, size))
     for abs_g, abs_d, g in second:
         if not g.size:
             continue
-        rel = abs_d / np.maximum(abs_g, floor)
+        rel = abs_d / np.maximum(abs_g, max(floor, float(np.finfo(abs_g.dtype).tiny)))  # all-zero goldens: 0/tiny
         s.max_rel = max(s.max_rel, float(rel.max()))
         for threshold in REL_THRESHOLDS:
             s.rel_above[threshold] += int(np.count_nonzero(rel > threshold))
