@@ -7,11 +7,12 @@ The public API::
     llmdiff.seed_all(1234, deterministic=True)
     dump = llmdiff.open_dump("runs/fp32")
     report = llmdiff.compare("runs/fp32", "runs/bf16")
+    weights = llmdiff.compare_weights("model.gguf", "converted/")
 """
 
 __version__ = "0.1.0"
 
-from llmdiff.api import compare
+from llmdiff.api import compare, compare_weights
 from llmdiff.capture.seed import seed_all
 from llmdiff.capture.session import Capture, LlmdiffWarning, capture, save
 from llmdiff.config import CaptureConfig, make_config
@@ -29,6 +30,7 @@ __all__ = [
     "__version__",
     "capture",
     "compare",
+    "compare_weights",
     "make_config",
     "open_dump",
     "save",

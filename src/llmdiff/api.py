@@ -38,3 +38,22 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float
     golden_dump = golden if isinstance(golden, Dump) else open_dump(golden)
     target_dump = target if isinstance(target, Dump) else open_dump(target)
     return Report(compare_dumps(golden_dump, target_dump, options))
+
+
+def compare_weights(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float | None = None,
+                    atol: float | None = None, thresholds: dict[str, float] | None = None,
+                    mapping: Mapping | str | Path | None = None, modules: Sequence[str] | str | None = None,
+                    allow_missing: bool = False) -> Report:
+    """Compare two weight sets tensor by tensor: ``.safetensors`` files or folders (sharded too),
+    ``.pt``/``.bin`` state dicts, GGUF files (dequantized; Llama names mapped to Hugging Face's) or
+    dumps captured with ``weights=True``. Entries come out worst first (largest relative error)."""
+    from llmdiff.store.weights import open_weights
+
+    options = options_from(rtol=rtol, atol=atol, thresholds=thresholds, mapping=mapping, modules=modules,
+                           allow_missing=allow_missing)
+    golden_set = golden if isinstance(golden, Dump) else open_weights(golden)
+    target_set = target if isinstance(target, Dump) else open_weights(target)
+    comparison = compare_dumps(golden_set, target_set, options)
+    comparison.entries.sort(key=lambda e: (e.status == "pass", -(e.error if e.error is not None else float("inf"))))
+    comparison.culprits = []
+    return Report(comparison)

@@ -222,6 +222,41 @@ def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, t
     sys.exit(report.exit_code)
 
 
+@cli.command()
+@click.argument("golden", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "outputs", multiple=True, help="Write a report (.md .csv .json .html); repeatable.")
+@click.option("--rtol", type=float, help="Relative tolerance: switches the test to element-wise allclose.")
+@click.option("--atol", type=float, help="Absolute tolerance: switches the test to element-wise allclose.")
+@click.option("--threshold", "thresholds", multiple=True, help="NAME=VALUE limit, e.g. rel_l2=0.01 (repeatable).")
+@click.option("--map", "mapping", type=click.Path(path_type=Path), help="YAML/JSON renaming rules (module paths).")
+@click.option("--modules", multiple=True, help="Only tensors of modules matching these regexes (comma-separated).")
+@click.option("--allow-missing", is_flag=True, help="Tensors on one side only do not fail the comparison.")
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Rows of the worst-first table.")
+def weights(golden: Path, target: Path, outputs: tuple[str, ...], rtol: float | None, atol: float | None,
+            thresholds: tuple[str, ...], mapping: Path | None, modules: tuple[str, ...], allow_missing: bool,
+            top: int) -> None:
+    """Compare two weight sets, worst tensors first. Exit 0: equal within tolerance, 1: not, 2: bad input.
+
+    GOLDEN and TARGET: .safetensors files or folders (sharded too), .pt/.bin state dicts, GGUF files
+    (dequantized; Llama names mapped to Hugging Face's, q/k permutation undone) or dumps captured with
+    weights=True. int8 tensors with a _scale (and _offset) sibling are dequantized first.
+    """
+    from llmdiff.api import compare_weights
+    from llmdiff.compare.tolerance import parse_thresholds
+    from llmdiff.report.terminal import print_weights
+
+    report_paths = [_report_path(path) for path in outputs]
+    with console.status("reading and comparing weights..."):
+        report = compare_weights(golden, target, rtol=rtol, atol=atol, thresholds=parse_thresholds(thresholds),
+                                 mapping=mapping, modules=split_patterns(modules), allow_missing=allow_missing)
+    print_weights(report.comparison, console, top=top)
+    for path in report_paths:
+        report.save(path)
+        console.print(f"report: {path}")
+    sys.exit(report.exit_code)
+
+
 def _two_dumps(golden: Path | None, target: Path | None, golden_opt: Path | None,
                target_opt: Path | None) -> tuple[Path, Path]:
     given = [p for p in (golden, target) if p is not None]

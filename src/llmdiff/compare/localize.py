@@ -97,7 +97,7 @@ def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
     """Group compared entries into module calls that have both inputs and outputs."""
     calls: dict[tuple[int, int, str, int], ModuleCall] = {}
     for e in entries:
-        if e.status not in (PASS, FAIL) or e.part == "save":
+        if e.status not in (PASS, FAIL) or e.part in ("save", "param"):
             continue
         key = (e.rank, e.step, e.module, e.call)
         call = calls.get(key)

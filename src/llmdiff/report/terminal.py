@@ -42,3 +42,24 @@ def print_comparison(c: Comparison, console: Console, verbose: bool = False, top
         console.print(f"[dim]note:[/] {note}", highlight=False)
     for problem in c.problems:
         console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+
+
+def print_weights(c: Comparison, console: Console, top: int = 10) -> None:
+    """``llmdiff weights``: the verdict, then the worst tensors first."""
+    style = _STYLE.get(c.verdict, "bold")
+    console.print(f"[bold]verdict[/]  [{style}]{c.verdict.upper()}[/]   {c.golden}  vs  {c.target}")
+    table = Table(title=f"worst {min(top, len(c.entries))} of {len(c.entries)} tensors", title_justify="left")
+    for col in ("#", "tensor", "shape", "dtypes", "rel_l2", "max_abs", "cosine", "status"):
+        table.add_column(col, overflow="fold")
+    for i, e in enumerate(c.entries[:top], 1):
+        name = f"{e.module}.{e.path}" if e.module else e.path
+        dtypes = "/".join(d for d in (e.golden_dtype, e.target_dtype) if d)
+        table.add_row(str(i), name, "x".join(map(str, e.golden_shape or e.target_shape or [])), dtypes,
+                      num(e.metrics.get("rel_l2")), num(e.metrics.get("max_abs")), num(e.metrics.get("cosine")),
+                      e.status if e.status == PASS else f"[red]{e.status}[/]")
+    console.print(table)
+    counts = c.counts
+    console.print("tensors: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total")
+                  + f" (of {counts['total']})")
+    for note in c.notes:
+        console.print(f"[dim]note:[/] {note}", highlight=False)

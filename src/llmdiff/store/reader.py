@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class Dump:
     processes: list[ProcessDump]
     problems: list[str]
     format: str = "llmdiff"
+    #: how a format that is not file-per-tensor reads an entry's tensor (weight files, GGUF)
+    loader: Callable[[Entry], torch.Tensor] | None = field(default=None, repr=False)
     _handles: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -76,6 +78,8 @@ class Dump:
         """
         if entry.data is None:
             raise DumpError(f"{entry.name}: only statistics were captured (use mode='tensor')")
+        if self.loader is not None:
+            return self.loader(entry)
         if self.format != "llmdiff":
             from llmdiff.store.formats.torchfile import load_tensor
 
