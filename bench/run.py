@@ -6,6 +6,8 @@
    tensor mode (all modules, all steps), interleaved repetitions in one process, medians.
 2. The same on the tiny test model.
 3. Bytes on disk per captured step, and bytes written vs the sum of the captured tensors' sizes.
+   Op-level capture too: ``op-stats`` (statistics of every torch op inside the modules) and
+   ``mix-tensor`` (full tensors of modules and ops).
 4. Compare throughput (GB/s of dump data) and peak memory, in a fresh process each, on the decode
    dumps of (1) and on a 512-token prefill dump with large tensors.
 """
@@ -47,10 +49,17 @@ def timed_generate(model, ids, tokens: int) -> float:
     return time.perf_counter() - start
 
 
+#: What each measured capture records: every module (and with op-*, every torch op inside them).
+CAPTURE_MODES: dict[str, dict[str, str]] = {
+    "none": {}, "stats": {"mode": "stats"}, "tensor": {"mode": "tensor"},
+    "op-stats": {"mode": "stats", "level": "op"}, "mix-tensor": {"mode": "tensor", "level": "mix"},
+}
+
+
 def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str, object]:
     """Median seconds per generate call for each mode, repetitions interleaved."""
     timed_generate(model, ids, 2)  # warm-up
-    times: dict[str, list[float]] = {"none": [], "stats": [], "tensor": []}
+    times: dict[str, list[float]] = {name: [] for name in CAPTURE_MODES}
     sizes: dict[str, int] = {}
     for rep in range(reps):
         for mode in times:
@@ -58,7 +67,7 @@ def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str
                 times[mode].append(timed_generate(model, ids, tokens))
                 continue
             run_dir = work / f"{mode}-{rep}"
-            session = llmdiff.capture(model, run_dir, steps="all", mode=mode)
+            session = llmdiff.capture(model, run_dir, steps="all", **CAPTURE_MODES[mode])
             start = time.perf_counter()
             session.start()
             timed_generate(model, ids, tokens)
@@ -150,8 +159,11 @@ def report(results: dict) -> None:
             continue
         m = r["median_s"]
         print(f"\ncapture overhead, {name} (median seconds per generate call):")
-        print(f"  no capture {m['none']:.3f}s | stats {m['stats']:.3f}s | tensor {m['tensor']:.3f}s")
-        print(f"  ratio: stats {m['stats'] / m['none']:.2f}x, tensor {m['tensor'] / m['none']:.2f}x no capture")
+        print(f"  no capture {m['none']:.3f}s | stats {m['stats']:.3f}s | tensor {m['tensor']:.3f}s | "
+              f"op-stats {m['op-stats']:.3f}s | mix-tensor {m['mix-tensor']:.3f}s")
+        print(f"  ratio: stats {m['stats'] / m['none']:.2f}x, tensor {m['tensor'] / m['none']:.2f}x, "
+              f"op-level stats {m['op-stats'] / m['none']:.2f}x, modules+ops tensor {m['mix-tensor'] / m['none']:.2f}x "
+              "no capture")
         print(f"  disk per step: stats {r['stats_disk'] / r['stats_steps'] / 1e3:.1f} KB, "
               f"tensor {r['tensor_disk'] / r['tensor_steps'] / 1e6:.2f} MB")
         print(f"  tensor mode: {r['tensor_entries']} entries of {r['tensor_bytes_captured'] / 1e6:.1f} MB; "

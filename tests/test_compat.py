@@ -98,8 +98,7 @@ def test_precision_debugger_save_records_a_tensor(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"level": "L1"}, "needs llmdiff's op-level capture"),
-    ({"level": "mix"}, "needs llmdiff's op-level capture"),
+    ({"level": "L2"}, "level 'L2' is not one of L0, L1, mix"),
     ({"task": "overflow_check"}, "not supported by llmdiff"),
     ({"step": ["x"]}, "step"),
     ({"typo": 1}, "unknown key(s) typo"),
@@ -145,7 +144,7 @@ def test_dump_config_filters(tmp_path):
 def test_dump_config_is_not_a_singleton_and_is_validated():
     first, second = DumpConfig(token_range=[0]), DumpConfig(token_range=[3])
     assert first.token_range == [0] and second.token_range == [3]
-    for bad, message in (({"mode": "api"}, "op-level capture"), ({"mode": "modul"}, "mode must be"),
+    for bad, message in (({"mode": "modul"}, "mode must be"), ({"mode": ["api", "x"]}, "mode must be"),
                          ({"tensor_part": 3}, "tensor_part"), ({"token_range": 5}, "token_range"),
                          ({"module_list": ["Linear"]}, "module classes")):
         with pytest.raises(UsageError, match=message):
@@ -241,3 +240,32 @@ def test_msit_compare_flags_preset_and_token_level(tmp_path):
             assert e.metrics["cosine"] > 0.999 and e.metrics["kl"] <= 0.005
     result = cli("compare", "-gp", gp)
     assert result.returncode == 2 and "needs two dumps" in result.stderr
+
+
+def test_precision_debugger_mix_pairs_ops_with_real_msprobe_mix_dump(tmp_path):
+    config = msprobe_config(tmp_path)
+    config["level"] = "mix"
+    model = tiny_llama()
+    debugger = PrecisionDebugger(config_path=write(tmp_path / "c.json", config))
+    debugger.start(model=model)
+    generate(model, PROMPT, 3)
+    debugger.stop()
+    debugger.close()
+    ours = llmdiff.open_dump(tmp_path / "dump")
+    theirs = llmdiff.open_dump(FIXTURES / "msprobe_mix_statistics")
+    our_ops = {e.module for e in ours.entries if e.type == "op"}
+    their_ops = {e.module for e in theirs.entries if e.type == "op"}
+    assert "model.layers.0.input_layernorm/rsqrt" in their_ops and their_ops <= our_ops  # same names
+    report = llmdiff.compare(tmp_path / "dump", FIXTURES / "msprobe_mix_statistics")
+    counts = Counter(e.status for e in report.comparison.entries)
+    assert report.verdict == "match" and counts["pass"] > 800 and counts["fail"] == 0
+
+
+def test_dump_config_api_mode_captures_ops(tmp_path):
+    model = tiny_llama()
+    capture = register_hook(model, DumpConfig(dump_path=str(tmp_path), mode=["api", "module"],
+                                              layer_name="root.model.layers.0.mlp*"))
+    generate(model, PROMPT, 1)
+    capture.stop()
+    entries = llmdiff.open_dump(capture.run_dir).entries
+    assert {"model.layers.0.mlp", "model.layers.0.mlp.act_fn/silu"} <= {e.module for e in entries}

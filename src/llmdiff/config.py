@@ -251,6 +251,20 @@ def make_config(
 
 DEFAULT_OPS_FILE = Path(__file__).with_name("ops.yaml")
 
+#: Python operators on tensors, named like the functions they stand for (``a @ b`` → ``matmul``).
+OPERATORS = frozenset({
+    "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv", "itruediv",
+    "floordiv", "rfloordiv", "mod", "rmod", "pow", "rpow", "ipow", "matmul", "rmatmul", "neg", "pos", "abs",
+    "invert", "and", "rand", "or", "ror", "xor", "rxor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge",
+    "getitem", "setitem"})
+
+
+def normalize_op_name(name: str) -> str:
+    """An op's name as llmdiff records it: operator dunders lose their underscores (``__mul__`` → ``mul``)."""
+    if name.startswith("__") and name.endswith("__") and name[2:-2] in OPERATORS:
+        return name[2:-2]
+    return name
+
 
 @dataclass(frozen=True)
 class OpFilter:

@@ -15,21 +15,13 @@ from typing import Any
 
 from torch.overrides import TorchFunctionMode
 
-#: Python operators on tensors, named like the functions they stand for (``a @ b`` → ``matmul``).
-OPERATORS = frozenset({
-    "add", "radd", "iadd", "sub", "rsub", "isub", "mul", "rmul", "imul", "truediv", "rtruediv", "itruediv",
-    "floordiv", "rfloordiv", "mod", "rmod", "pow", "rpow", "ipow", "matmul", "rmatmul", "neg", "pos", "abs",
-    "invert", "and", "rand", "or", "ror", "xor", "rxor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge",
-    "getitem", "setitem"})
+from llmdiff.config import normalize_op_name
 
 
 def op_name(func: Callable[..., Any]) -> str:
     """``torch.softmax`` → ``softmax``; ``Tensor.__matmul__`` → ``matmul``; other dunders keep their
     underscores (``Tensor.shape.__get__`` → ``__get__``, ``Tensor.__bool__`` → ``__bool__``)."""
-    name: str = getattr(func, "__name__", None) or type(func).__name__
-    if name.startswith("__") and name.endswith("__") and name[2:-2] in OPERATORS:
-        return name[2:-2]
-    return name
+    return normalize_op_name(getattr(func, "__name__", None) or type(func).__name__)
 
 
 class OpRecorder(TorchFunctionMode):

@@ -6,7 +6,7 @@
 
 Differences from msIT, on purpose: a ``DumpConfig`` is a plain object (msIT's is a process-wide
 singleton: a second ``DumpConfig(...)`` silently returns the first); every argument is validated
-(``mode="api"`` is refused with the reason instead of doing nothing useful); ``register_hook``
+(a misspelt ``mode`` is an error, not a silent module dump); ``register_hook``
 returns the :class:`~llmdiff.capture.session.Capture` so it can be stopped, and registering the
 same model twice is an error rather than a silent no-op. The dump is written in llmdiff's format
 into ``<dump_path>/llmdiff_dump_<time>/``, with keyword inputs and ``ModelOutput`` fields that msIT
@@ -58,7 +58,7 @@ class DumpConfig:
     """What to dump, in msIT's words. ``token_range``: forward passes (0 = prefill); ``module_list``:
     module classes (subclasses count); ``tensor_part``: 0 inputs, 1 outputs, 2 both; ``device_id``:
     only that accelerator (CPU tensors always); ``dump_last_logits``: only the model's logits;
-    ``mode``: ``"module"`` (``"api"`` needs op-level capture, not available yet); ``dump_weight``:
+    ``mode``: ``"module"``, ``"api"`` (torch ops, named ``<module>/<op>``) or both; ``dump_weight``:
     also the parameters (of ``layer_name``'s modules when given); ``layer_name``: msIT glob like
     ``root.model.layers.0*``; ``seed``: seed everything first."""
 
@@ -78,10 +78,7 @@ class DumpConfig:
         modes = [self.mode] if isinstance(self.mode, str) else list(self.mode)
         bad = [m for m in modes if m not in ("module", "api")]
         if bad or not modes:
-            raise UsageError(f"DumpConfig: mode must be 'module' or ['module'], got {self.mode!r}")
-        if "api" in modes:
-            raise UsageError("DumpConfig: mode 'api' dumps torch API calls, which needs llmdiff's op-level capture "
-                             "(not available yet); use mode='module'")
+            raise UsageError(f"DumpConfig: mode must be 'module', 'api' or ['api', 'module'], got {self.mode!r}")
         if not isinstance(self.token_range, (list, tuple, range)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.token_range):
             raise UsageError(f"DumpConfig: token_range must be a list of token indices, got {self.token_range!r}")
@@ -117,8 +114,10 @@ class DumpConfig:
         devices = None
         if self.device_id is not None:
             devices = ["cpu"] + [f"{kind}:{self.device_id}" for kind in ("cuda", "npu", "xpu", "mps")]
+        modes = {self.mode} if isinstance(self.mode, str) else set(self.mode)
+        level = "mix" if modes == {"api", "module"} else "op" if modes == {"api"} else "module"
         return {"modules": modules, "types": types, "steps": sorted(set(self.token_range)), "parts": parts,
-                "mode": "stats" if self.stats_only else "tensor", "devices": devices}
+                "mode": "stats" if self.stats_only else "tensor", "devices": devices, "level": level}
 
 
 def register_hook(model: nn.Module, config: DumpConfig, hook_type: str = "dump_data") -> Capture:

@@ -18,15 +18,16 @@ config.json keys and what they become:
 ``step``               debugger steps to capture (``[0, 2, "4-6"]``); ``[]`` = all. A debugger step
                        may hold many forward passes (a whole ``generate``): each pass is one
                        llmdiff step, numbered on across debugger steps
-``level``              ``L0`` → module hooks. ``L1``/``mix`` need op-level capture, which llmdiff
-                       does not have yet: refused with that reason, never silently narrowed
+``level``              ``L0`` → module hooks; ``L1`` → op-level capture (torch API calls, named inside
+                       their module: ``model.layers.0.self_attn/softmax``); ``mix`` → both. API calls
+                       outside any module (a ``generate`` loop's own) are not captured
 ``async_dump``         accepted; llmdiff always writes from a background thread
 ``<task>.scope``       ``[first, last]`` module calls (``Module.model.layers.0.LlamaDecoderLayer.forward.0``):
                        in each forward pass, everything from the start of ``first``'s call to the
                        end of ``last``'s (msProbe counts ``forward.<n>`` across passes; llmdiff
                        applies the window to every pass)
 ``<task>.list``        module names (``Module.<path>.<Class>.forward.<n>`` → that module, all calls;
-                       any other string → modules whose path contains it)
+                       any other string, e.g. an API name, → modules and ops whose name contains it)
 ``<task>.data_mode``   ``all``/``forward`` → inputs and outputs; ``input``; ``output``; ``backward``
                        is refused (llmdiff captures inference)
 ``summary_mode``       ``statistics``; ``md5`` → a content hash for bit-exactness checks (blake2b)
@@ -118,9 +119,6 @@ class PrecisionDebugger:
         self.level = level or config.get("level", "L1")
         if self.level not in ("L0", "L1", "mix"):
             raise UsageError(f"msprobe config: level {self.level!r} is not one of L0, L1, mix")
-        if self.level != "L0":
-            raise UsageError(f"msprobe config: level {self.level!r} captures torch API calls, which needs "
-                             "llmdiff's op-level capture (not available yet); use level 'L0' (modules)")
         self.dump_path = Path(dump_path or config.get("dump_path") or "./dump_path")
         task_config = config.get(self.task) or {}
         if not isinstance(task_config, dict):
@@ -143,6 +141,7 @@ class PrecisionDebugger:
             "steps": "all", "mode": "stats" if self.task == "statistics" else "tensor",
             "parts": "both" if wants_in and wants_out else "inputs" if wants_in else "outputs",
             "ranks": config.get("rank") or None, "hash": summary_mode == "md5",
+            "level": {"L0": "module", "L1": "op", "mix": "mix"}[self.level],
         }
         make_config(**self._options)  # validate now, before the model runs
         self.current_step = 0
@@ -153,7 +152,7 @@ class PrecisionDebugger:
         """Begin (or resume) capturing ``model`` if the current debugger step is selected."""
         model = model if model is not None else self._model
         if model is None:
-            raise UsageError("PrecisionDebugger.start: level L0 needs the model: start(model=...)")
+            raise UsageError("PrecisionDebugger.start: llmdiff needs the model: start(model=...)")
         self._model = model
         if self.current_step not in self.debugger_steps:
             return

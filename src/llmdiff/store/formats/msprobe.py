@@ -8,6 +8,10 @@ into (step, call): ``construct.json`` names each call's parent, which gives the 
 belongs to (its outermost ancestor); without it, the module called least often is taken to run once
 per forward pass. Debugger steps follow each other (``step1`` starts after the last pass of ``step0``).
 
+API calls (levels L1 and mix, ``Torch.matmul.3.forward``) become ops named inside the module that
+ran them (``model.layers.0.self_attn/matmul``), which ``construct.json`` tells; those outside any
+module are left out, as llmdiff's op-level capture leaves them out.
+
 Inputs by position become part ``input`` (path ``0``, ``1``...), by keyword part ``kwarg``, module
 parameters part ``param``. msProbe always lists outputs; a single output is unwrapped (path ``""``
 or the field name), as llmdiff records it. Statistics ``Max/Min/Mean/Norm`` become ``max/min/mean/norm``
@@ -22,14 +26,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from llmdiff.config import normalize_op_name
 from llmdiff.errors import DumpError
 from llmdiff.store.reader import Dump, ProcessDump
 from llmdiff.store.schema import Entry, StepRecord
 
 FORMAT = "msprobe"
 _CALL_KEY = re.compile(r"^(?:Module|Cell)\.(?P<path>.+)\.(?P<cls>[^.]+)\.(?P<dir>forward|backward)\.(?P<n>\d+)$")
-_API_KEY = re.compile(r"^(?P<api>(?:Functional|Tensor|Torch|Aten|NPU|Distributed|VF|MindSpore|Jit)\..+)\."
-                      r"(?P<dir>forward|backward)\.(?P<n>\d+)$")
+_API_KEY = re.compile(r"^(?P<kind>Functional|Tensor|Torch|Aten|NPU|Distributed|VF|MindSpore|Mint|Jit|Primitive)\."
+                      r"(?P<name>.+)\.(?P<n>\d+)\.(?P<dir>forward|backward)$")
 _STEP = re.compile(r"^step(\d+)$")
 _PROC = re.compile(r"^(rank|proc)(\d*)$")
 _STATS = {"Max": "max", "Min": "min", "Mean": "mean", "Norm": "norm", "md5": "md5"}
@@ -84,52 +89,64 @@ def _tensors(value: Any, path: str) -> list[tuple[str, dict[str, Any]]]:
     return []
 
 
-def _split_calls(keys: list[str], construct: dict[str, Any]) -> dict[str, tuple[int, int]]:
+def _named(keys: list[str], construct: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """(llmdiff module name, type) per call key. An API call (levels L1/mix) becomes an op named inside
+    the module that ran it, as llmdiff's op-level capture names it (``model.layers.0.self_attn/softmax``);
+    API calls outside any module (a ``generate`` loop's own) are left out, as llmdiff leaves them out."""
+    named: dict[str, tuple[str, str]] = {}
+    for key in keys:
+        module = _CALL_KEY.match(key)
+        if module:
+            named[key] = (module["path"], module["cls"])
+            continue
+        api = _API_KEY.match(key)
+        parent = _CALL_KEY.match(construct.get(key) or "") if api else None
+        if api and parent:
+            named[key] = (f"{parent['path']}/{normalize_op_name(api['name'])}", "op")
+        elif not api:
+            named[key] = (key, "")
+    return named
+
+
+def _split_calls(keys: list[str], names: dict[str, tuple[str, str]],
+                 construct: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """Map each call key to (forward pass within the debugger step, call index within that pass)."""
-    parsed = {k: _CALL_KEY.match(k) or _API_KEY.match(k) for k in keys}
 
     def top(key: str) -> str | None:
         seen = 0
-        while key in construct and construct[key] is not None and seen < 1000:
+        while construct.get(key) is not None and seen < 1000:
             key, seen = construct[key], seen + 1
         return key if key in construct else None
 
     tops = {k: top(k) for k in keys} if construct else {}
+    result: dict[str, tuple[int, int]] = {}
+    calls: Counter[tuple[int, str]] = Counter()
     if tops and all(t is not None for t in tops.values()):
-        # Outermost calls, in order, grouped into passes: a new pass starts when a module that already
-        # ran as an outermost call in the current pass runs again.
-        order = [k for k, parent in construct.items() if parent is None]
+        # Outermost module calls, in order, grouped into passes: a new pass starts when a module that
+        # already ran as an outermost call in the current pass runs again.
         pass_of: dict[str, int] = {}
         current, seen_modules = 0, set[str]()
-        for key in order:
-            m = parsed.get(key) or _CALL_KEY.match(key) or _API_KEY.match(key)
-            module = m.group(1) if m else key
-            if module in seen_modules:
+        for key, parent in construct.items():
+            module = _CALL_KEY.match(key)
+            if parent is not None or not module:
+                continue
+            if module["path"] in seen_modules:
                 current, seen_modules = current + 1, set()
-            seen_modules.add(module)
+            seen_modules.add(module["path"])
             pass_of[key] = current
-        result: dict[str, tuple[int, int]] = {}
-        calls: Counter[tuple[int, str]] = Counter()
         for key in keys:
             step = pass_of.get(tops[key] or "", 0)
-            m = parsed[key]
-            module = m.group(1) if m else key
-            result[key] = (step, calls[(step, module)])
-            calls[(step, module)] += 1
+            name = names[key][0]
+            result[key] = (step, calls[(step, name)])
+            calls[(step, name)] += 1
         return result
-    counts: Counter[str] = Counter()
-    for key in keys:
-        m = parsed[key]
-        counts[m.group(1) if m else key] += 1
+    counts = Counter(names[key][0] for key in keys)  # no construct.json: the least-called module runs once a pass
     per_pass = min(counts.values()) if counts else 1
-    result = {}
-    seen: Counter[str] = Counter()
     for key in keys:
-        m = parsed[key]
-        module = m.group(1) if m else key
-        k = max(1, counts[module] // per_pass)
-        n = seen[module]
-        seen[module] += 1
+        name = names[key][0]
+        k = max(1, counts[name] // per_pass)
+        n = calls[(0, name)]
+        calls[(0, name)] += 1
         result[key] = (n // k, n % k)
     return result
 
@@ -155,18 +172,17 @@ def open_msprobe_dump(path: Path) -> Dump:
         proc = processes.setdefault(folder.name, ProcessDump(folder, {"format": FORMAT, "task": dump.get("task"),
                                                                       "level": dump.get("level")}))
         base = folder.relative_to(path).as_posix() if folder != path else ""
-        keys = [k for k in dump["data"] if isinstance(dump["data"][k], dict) and ".backward." not in k]
-        where = _split_calls(keys, construct if isinstance(construct, dict) else {})
+        construct = construct if isinstance(construct, dict) else {}
+        keys = [k for k in dump["data"] if isinstance(dump["data"][k], dict) and not k.endswith(".backward")
+                and ".backward." not in k]
+        names = _named(keys, construct)
+        keys = [k for k in keys if k in names]
+        where = _split_calls(keys, names, construct)
         offset = offsets[folder.name]
         steps_here: Counter[int] = Counter()
         for key in keys:
             record = dump["data"][key]
-            match = _CALL_KEY.match(key)
-            if match:
-                module, type_name = match["path"], match["cls"]
-            else:
-                api = _API_KEY.match(key)
-                module, type_name = (api["api"], "api") if api else (key, "")
+            module, type_name = names[key]
             step, call = where[key]
             step += offset
             outputs = record.get("output")
