@@ -109,3 +109,19 @@ def test_nothing_remains_after_capture(tmp_path):
         model(PROMPT)
     handle.remove()
     assert seen == [[]]  # a later forward runs with no torch function mode at all
+
+
+def test_zero_code_run_with_op_level(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text("import torch\nfrom llmdiff.testing import tiny_llama, generate\n"
+                      "m = tiny_llama()\nm.config._attn_implementation = 'eager'\n"
+                      "generate(m, torch.tensor([[1, 2, 3]]), 1)\n")
+    result = subprocess.run([sys.executable, "-m", "llmdiff", "run", "-o", tmp_path / "run", "--level", "op",
+                             "--modules", "self_attn/", "--", sys.executable, script],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    names = {e.module for e in llmdiff.open_dump(tmp_path / "run").entries}
+    assert "model.layers.0.self_attn/softmax" in names and all("/" in n for n in names)

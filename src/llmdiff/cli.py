@@ -33,6 +33,9 @@ _CAPTURE_OPTIONS = [
     click.option("--ranks", help="Only these ranks, e.g. '0,1'."),
     click.option("--max-tensor-size", type=int, help="Tensors with more elements keep statistics only."),
     click.option("--hash/--no-hash", "hash_", default=None, help="Add a content hash for bit-exactness checks."),
+    click.option("--level", type=click.Choice(["module", "op", "mix"]),
+                 help="Module inputs/outputs, the torch ops inside modules, or both."),
+    click.option("--ops-file", type=click.Path(path_type=Path), help="YAML allow/deny lists of op names."),
 ]
 
 
@@ -72,7 +75,7 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
     cli_options["hash"] = cli_options.pop("hash_")
     for key, value in cli_options.items():
         if value not in (None, ()):
-            options[key] = list(value) if isinstance(value, tuple) else value
+            options[key] = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
     config = config_from_mapping(options, source=str(config_file or "options"))
     if run_dir is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")

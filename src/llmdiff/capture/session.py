@@ -184,9 +184,14 @@ class Capture:
         else:
             self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._discover))
         if self.weights and self.model is not None and not self._weights_saved:
-            config = self.config
             self._weights_saved = True
-            self.save_weights(self.model, lambda name: config.selects_module(name.rpartition(".")[0], ""))
+            model, config = self.model, self.config
+
+            def captured(name: str) -> bool:
+                owner = name.rpartition(".")[0]
+                return config.selects_module(owner, type(model.get_submodule(owner)).__name__)
+
+            self.save_weights(model, captured)
         if self._ops_wanted is not None:
             self._op_mode = OpRecorder(self._op_wanted, lambda: self._busy, self._record_op)
             self._op_mode.__enter__()
