@@ -31,8 +31,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# llmdiff's own numbers, then side by side with msProbe and msIT (installed once into a cached venv).
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache llmdiff-demo llmdiff-runs

@@ -369,17 +369,17 @@ def config_from_mapping(options: Mapping[str, Any], source: str = "config") -> C
     return make_config(**options)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def load_config_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
     """Read a JSON config file (or inline JSON, as vLLM's ``--intermediate-log-config '{...}'``) into plain
-    options (validated later by :func:`config_from_mapping`)."""
+    options (validated later by :func:`config_from_mapping`). ``option`` names the source in errors."""
     try:
         text = str(path) if str(path).lstrip().startswith("{") else Path(path).read_text()
         data = json.loads(text)
     except OSError as exc:
-        raise UsageError(f"--config: cannot read {path}: {exc.strerror}") from None
+        raise UsageError(f"{option}: cannot read {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--config: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise UsageError(f"{option}: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--config: {path} must hold a JSON object")
+        raise UsageError(f"{option}: {path} must hold a JSON object")
     return data
 

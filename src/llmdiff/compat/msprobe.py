@@ -37,7 +37,6 @@ config.json keys and what they become:
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -49,7 +48,7 @@ from torch import nn
 
 from llmdiff.capture.seed import seed_all as _seed_all
 from llmdiff.capture.session import Capture, save
-from llmdiff.config import make_config, parse_steps
+from llmdiff.config import load_config_file, make_config, parse_steps
 from llmdiff.errors import UsageError
 
 __all__ = ["PrecisionDebugger", "seed_all"]
@@ -100,16 +99,7 @@ class PrecisionDebugger:
     def __init__(self, config_path: str | os.PathLike[str] | None = None, task: str | None = None,
                  dump_path: str | os.PathLike[str] | None = None, level: str | None = None,
                  model: nn.Module | None = None, step: Iterable[int | str] | None = None) -> None:
-        config: dict[str, Any] = {}
-        if config_path is not None:
-            try:
-                config = json.loads(Path(config_path).read_text())
-            except OSError as exc:
-                raise UsageError(f"msprobe config: cannot read {config_path}: {exc.strerror}") from None
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"msprobe config: {config_path} is not valid JSON ({exc.msg})") from None
-            if not isinstance(config, dict):
-                raise UsageError(f"msprobe config: {config_path} must hold a JSON object")
+        config = load_config_file(str(config_path), "msprobe config") if config_path is not None else {}
         unknown = sorted(set(config) - _KNOWN_KEYS)
         if unknown:
             raise UsageError(f"msprobe config: unknown key(s) {', '.join(unknown)}")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from llmdiff.errors import DumpError
-from llmdiff.store.formats.torchfile import describe
+from llmdiff.store.formats.common import close_steps, describe_or_report
 from llmdiff.store.reader import Dump, ProcessDump
-from llmdiff.store.schema import Entry, StepRecord
+from llmdiff.store.schema import Entry
 
 FORMAT = "msit"
 _PROCESS = re.compile(r"^(?P<dev>[a-z]+)(?P<index>\d*)_(?P<pid>\d+)$")
@@ -95,8 +95,7 @@ def open_msit_dump(path: Path) -> Dump:
                 tensor_path = (m["path"] or "").replace("_", ".")
                 _add(proc, problems, file, base, rank, step, module, types.get(module, ""), m["part"], tensor_path,
                      device)
-        steps = sorted({e.step for e in proc.entries})
-        proc.steps = [StepRecord(rank, s, None, sum(1 for e in proc.entries if e.step == s)) for s in steps]
+        close_steps(proc, rank)
         processes.append(proc)
     return Dump(path, {"format": FORMAT}, processes, problems, format=FORMAT)
 
@@ -110,11 +109,7 @@ def _tree_order(types: dict[str, str], module_dir: str) -> int:
 
 def _add(proc: ProcessDump, problems: list[str], file: Path, base: str, rank: int, step: int, module: str,
          type_name: str, part: str, tensor_path: str, device: str) -> None:
-    try:
-        tensors = describe(file)
-    except DumpError as exc:
-        problems.append(str(exc))
-        return
+    tensors = describe_or_report(file, problems)
     relative = file.relative_to(proc.folder).as_posix()
     for key, shape, dtype in tensors:
         path = ".".join(p for p in (tensor_path, key) if p)

@@ -12,9 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 from llmdiff.errors import DumpError
-from llmdiff.store.formats.torchfile import describe
+from llmdiff.store.formats.common import close_steps, describe_or_report
 from llmdiff.store.reader import Dump, ProcessDump
-from llmdiff.store.schema import Entry, StepRecord
+from llmdiff.store.schema import Entry
 
 FORMAT = "sglang"
 _FIELD = re.compile(r"^(?P<key>[A-Za-z_]+)=(?P<value>.*)$")
@@ -61,11 +61,7 @@ def open_sglang_dump(path: Path) -> Dump:
     calls: Counter[tuple[int, int, str]] = Counter()
     for rank, step, _, name, file in sorted(records, key=lambda r: (r[0], r[1], r[2], r[4].name)):
         proc = processes.setdefault(rank, ProcessDump(path, {"format": FORMAT, "rank": rank}))
-        try:
-            tensors = describe(file)
-        except DumpError as exc:
-            problems.append(str(exc))
-            continue
+        tensors = describe_or_report(file, problems)
         call = calls[(rank, step, name)]
         calls[(rank, step, name)] += 1
         for key, shape, dtype in tensors:
@@ -76,6 +72,5 @@ def open_sglang_dump(path: Path) -> Dump:
                 path=key.removeprefix("value").lstrip("."), shape=shape, dtype=dtype, device="", stats=None,
                 data={"file": file.relative_to(path).as_posix(), "key": key}, process=f"rank{rank}"))
     for rank, proc in processes.items():
-        steps = sorted({e.step for e in proc.entries})
-        proc.steps = [StepRecord(rank, s, None, sum(1 for e in proc.entries if e.step == s)) for s in steps]
+        close_steps(proc, rank)
     return Dump(path, {"format": FORMAT}, list(processes.values()), problems, format=FORMAT)

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from llmdiff.errors import DumpError
-from llmdiff.store.formats.torchfile import describe
+from llmdiff.store.formats.common import close_steps, describe_or_report
 from llmdiff.store.reader import Dump, ProcessDump
-from llmdiff.store.schema import Entry, StepRecord
+from llmdiff.store.schema import Entry
 
 FORMAT = "vllm"
 _STEP = re.compile(r"^step_(\d+)$")
@@ -64,11 +64,7 @@ def open_vllm_dump(path: Path) -> Dump:
                     continue
                 device, rank = _device(m["dev"])
                 proc = processes.setdefault(rank, ProcessDump(run, {"format": FORMAT, "device": device}))
-                try:
-                    tensors = describe(file)
-                except DumpError as exc:
-                    problems.append(str(exc))
-                    continue
+                tensors = describe_or_report(file, problems)
                 part = "input" if m["part"] == "inputs" else "output"
                 for key, shape, dtype in tensors:
                     tensor_path = ".".join(p for p in (m["index"] or "", key) if p)
@@ -77,6 +73,5 @@ def open_vllm_dump(path: Path) -> Dump:
                         path=tensor_path, shape=shape, dtype=dtype, device=device, stats=None,
                         data={"file": file.relative_to(run).as_posix(), "key": key}, process=f"rank{rank}"))
     for rank, proc in processes.items():
-        steps = sorted({e.step for e in proc.entries})
-        proc.steps = [StepRecord(rank, s, None, sum(1 for e in proc.entries if e.step == s)) for s in steps]
+        close_steps(proc, rank)
     return Dump(run, {"format": FORMAT}, list(processes.values()), problems, format=FORMAT)
