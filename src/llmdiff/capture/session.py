@@ -396,7 +396,10 @@ class Capture:
             if "input" in cfg.parts:
                 for part, value in (("input", args), ("kwarg", kwargs)):
                     for path, tensor in flatten(value):
-                        self._record(full, "op", call, part, path, tensor)
+                        # Weights reach ops as inputs (F.linear's weight) at every call; they do not change
+                        # within a run, so they are left out here (weights=True records them once).
+                        if not isinstance(tensor, nn.Parameter):
+                            self._record(full, "op", call, part, path, tensor)
             if "output" in cfg.parts:
                 for path, tensor in flatten(output):
                     self._record(full, "op", call, "output", path, tensor)
