@@ -258,7 +258,7 @@ def test_precision_debugger_mix_pairs_ops_with_real_msprobe_mix_dump(tmp_path):
     assert "model.layers.0.input_layernorm/rsqrt" in their_ops and their_ops <= our_ops  # same names
     report = llmdiff.compare(tmp_path / "dump", FIXTURES / "msprobe_mix_statistics")
     counts = Counter(e.status for e in report.comparison.entries)
-    assert report.verdict == "match" and counts["pass"] > 800 and counts["fail"] == 0
+    assert report.verdict == "match" and counts["pass"] > 700 and counts["fail"] == 0  # weights fed to ops: theirs only
 
 
 def test_dump_config_api_mode_captures_ops(tmp_path):

@@ -55,7 +55,8 @@ def test_module_and_type_filters_must_both_match():
     ({"parts": "input"}, "parts: 'input' is not one of inputs, outputs, both"),
     ({"max_tensor_size": -1}, "max_tensor_size: expected a non-negative element count, got -1"),
     ({"ranks": "a,b"}, "ranks: expected integers like '0,1', got 'a,b'"),
-    ({"colour": 1}, "config: unknown option(s) colour; known: devices, hash, max_tensor_size, mode, modules, parts, "
+    ({"colour": 1}, "config: unknown option(s) colour; known: devices, hash, level, max_tensor_size, mode, modules, "
+                    "ops_allow, ops_deny, ops_file, parts, "
                     "ranks, scope, steps, types"),
     ({"scope": ["a"]}, "scope: expected [first, last] module regexes, got ['a']"),
     ({"log_step_ids": "x", "enabled": True}, "config: log_step_ids: 'x' is not 'all' or ranges like '0,2,5-7'"),

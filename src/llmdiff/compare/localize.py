@@ -29,8 +29,9 @@ child). Scores are then gathered per (rank, module, call) over the steps it ran 
 * on a *spike*: a single-step score >= ``SPIKE`` (or >= ``JUMP`` when fewer than 3 steps were
   captured, so no consistency can be seen).
 
-Boundary and consistent culprits are *confirmed* (they make the verdict "diverged"); spikes are
-listed as suspects only. Confirmed culprits are ranked in causal order (by step, then execution
+Boundary and consistent culprits are *confirmed* (they make the verdict "diverged"); spikes, and
+any culprit judged from statistics only (a norm is a weak stand-in for an error), are listed as
+suspects only. Confirmed culprits are ranked in causal order (by step, then execution
 order), as an error introduced early reaches later modules and steps through the residual stream
 and the KV cache, whose contents hooks do not see as an input; suspects follow, by score. Each is
 reported at the first step where it qualified.
@@ -183,6 +184,9 @@ def find_culprits(entries: Sequence[EntryResult], limit: int = 10) -> tuple[list
             kind, reason = 2, f"adds {scores[id(shown)]:.1f}x the error its inputs, peers and dtype account for"
         else:
             continue
+        if kind < 2 and any(e.kind == "stats" for e in shown.outputs):
+            # A norm is a weak stand-in for an error (differences can cancel): a suspect, never a verdict.
+            kind, reason = 2, reason + " (statistics only: capture tensors to confirm)"
         found.append((kind, median, shown, scores[id(shown)], reason, sum(1 for v in values if v >= CONSISTENT)))
     # Confirmed culprits in causal order (step, then execution order): an error introduced early
     # reaches later modules and steps (through the residual stream and the KV cache), so the
