@@ -48,6 +48,8 @@ def test_msprobe_statistics_dump_is_read_with_steps_calls_and_parts():
     assert (0, "model.norm", "output", "") in by_key  # a single output is unwrapped, as llmdiff records it
     assert (0, "model", "output", "last_hidden_state") in by_key
     assert (0, "lm_head", "param", "weight") in by_key
+    for level in (MSPROBE_STATS / "step0", MSPROBE_STATS / "step0" / "proc0"):  # any level of its folders
+        assert len(llmdiff.open_dump(level).entries) == len(dump.entries)
 
 
 def test_msprobe_tensor_dump_loads_tensors_safely():

@@ -41,8 +41,7 @@ _STATS = {"Max": "max", "Min": "min", "Mean": "mean", "Norm": "norm", "md5": "md
 
 
 def is_msprobe_dump(path: Path) -> bool:
-    return (path / "dump.json").is_file() or any(path.glob("dump.json")) or any(path.glob("*/dump.json")) \
-        or any(path.glob("step*/*/dump.json"))
+    return bool(_dump_files(path))
 
 
 def _dump_files(path: Path) -> list[tuple[int, Path]]:
