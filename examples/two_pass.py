@@ -28,8 +28,9 @@ def run(name, dtype, **options):
 run("stats-fp32", torch.float32, mode="stats")
 run("stats-bf16", torch.bfloat16, mode="stats")
 first = llmdiff.compare(out / "stats-fp32", out / "stats-bf16")
-confirmed = [c.module for c in first.culprits if c.confirmed]
-suspect = confirmed[0] if confirmed else first.first_divergence["module"]
+# Statistics can point (norms that drift) but not prove (differences can cancel in a norm): their
+# culprits are suspects, to be confirmed with tensors.
+suspect = first.culprits[0].module if first.culprits else first.first_divergence["module"]
 layer = re.match(r"(model\.layers\.\d+)", suspect).group(1)
 print(f"pass 1 (stats): verdict {first.verdict}, suspect {suspect}")
 
