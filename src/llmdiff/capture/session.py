@@ -285,6 +285,11 @@ class Capture:
         return count
 
     @property
+    def running(self) -> bool:
+        """Whether the hooks are in place (started, not paused or stopped)."""
+        return self._started
+
+    @property
     def bytes_written(self) -> int:
         return 0 if self._writer is None else self._writer.bytes_written
 

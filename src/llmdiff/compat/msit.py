@@ -130,7 +130,7 @@ def register_hook(model: nn.Module, config: DumpConfig, hook_type: str = "dump_d
     if not isinstance(config, DumpConfig):
         raise UsageError(f"register_hook: config must be a DumpConfig, got {type(config).__name__}")
     previous = _registered.get(model)
-    if previous is not None and previous.run_dir.exists() and previous._started:
+    if previous is not None and previous.running:
         raise UsageError(f"register_hook: this model is already being dumped into {previous.run_dir}; "
                          "call .stop() on the capture register_hook returned first")
     stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
