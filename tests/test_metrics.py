@@ -95,3 +95,31 @@ def test_allclose_and_thresholds_override():
     assert tol.judge({"cosine": 0.99, "max_abs": 0.05}, "float32") == (False, "cosine 0.99 < 0.999")
     with pytest.raises(UsageError, match="expected NAME=VALUE"):
         parse_thresholds(["cosine"])
+
+
+def test_batched_pair_stats_equal_one_by_one():
+    """Small pairs are measured together in the compare engine: every statistic must equal pair_stats'."""
+    torch.manual_seed(0)
+    shapes = [(1, 6, 64), (64,), (1, 1, 128), (3, 4, 5), (1,), (2, 2), (1, 6, 16), (0,), (7,)]
+    pairs = []
+    for k in range(120):
+        shape = shapes[k % len(shapes)]
+        g = torch.randn(shape) * 10.0 ** (k % 5 - 2)
+        t = (g + 1e-3 * torch.randn(shape)).to([torch.float32, torch.bfloat16, torch.float16][k % 3])
+        if k == 7:
+            g, t = torch.zeros(shape), torch.zeros(shape)
+        if k == 11:  # NaN on one side: measured alone
+            t = t.clone()
+            t.view(-1)[0] = float("nan")
+        if k == 17:  # a value whose square overflows float32: measured alone, in float64
+            g = g.clone()
+            g.view(-1)[0] = -3.4e38
+        if k == 19:
+            g, t = torch.zeros(3, 4), torch.ones(3, 4)
+        pairs.append((g, t, 1e-3 * (k % 2), 1e-5))
+    for i, (one, batched) in enumerate(zip([M.pair_stats(*p) for p in pairs], M.pair_stats_batch(pairs),
+                                                strict=True)):
+        for name in ("n", "gg", "tt", "gt", "dd", "max_abs", "sum_abs", "max_rel", "mismatches",
+                     "nonfinite_mismatch", "worst_row_rel_l2", "rel_above"):
+            a, b = getattr(one, name), getattr(batched, name)
+            assert a == b or (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-9)), (i, name, a, b)

@@ -23,7 +23,7 @@ import torch
 from llmdiff.capture.stats import tensor_stats
 from llmdiff.compare.align import EntryPair, Mapping, align, squeezed_shape
 from llmdiff.compare.localize import analyze_tokens, find_culprits, first_divergence
-from llmdiff.compare.metrics import TENSOR_METRICS, logits_metrics, pair_stats
+from llmdiff.compare.metrics import BATCH_MAX, TENSOR_METRICS, PairStats, logits_metrics, pair_stats, pair_stats_batch
 from llmdiff.compare.results import (
     DIVERGED,
     FAIL,
@@ -105,11 +105,37 @@ def _is_float(dtype: str) -> bool:
     return dtype.startswith(("float", "bfloat"))
 
 
+@dataclass
+class _Deferred:
+    """A loaded small pair waiting to be measured with others."""
+
+    result: EntryResult
+    golden: torch.Tensor
+    target: torch.Tensor
+    rtol: float
+    atol: float
+    dtype: str
+
+
 class _Comparer:
     def __init__(self, golden: Dump, target: Dump, options: Options) -> None:
         self.golden, self.target, self.options = golden, target, options
 
-    def result(self, index: int, pair: EntryPair, tokens_differ: set[tuple[int, int]]) -> EntryResult:
+    def results(self, indices: range, pairs: Sequence[EntryPair],
+                tokens_differ: set[tuple[int, int]]) -> list[EntryResult]:
+        """Results of ``pairs[i]`` for ``i`` in ``indices``; small float pairs are measured together."""
+        deferred: list[_Deferred] = []
+        out = [self.result(i, pairs[i], tokens_differ, deferred) for i in indices]
+        if deferred:
+            batch = pair_stats_batch([(d.golden, d.target, d.rtol, d.atol) for d in deferred])
+            for d, stats in zip(deferred, batch, strict=True):
+                self._judge_tensors(d.result, d.golden, d.target, d.dtype, stats)
+        return out
+
+    def result(self, index: int, pair: EntryPair, tokens_differ: set[tuple[int, int]],
+               deferred: list[_Deferred] | None = None) -> EntryResult:
+        """The result of one pair. With ``deferred``, a small float pair is only loaded and left there
+        to be measured with others (see :meth:`results`)."""
         g, t = pair.golden, pair.target
         any_entry = pair.any
         result = EntryResult(index=index, rank=any_entry.rank, step=any_entry.step, module=any_entry.module,
@@ -131,7 +157,7 @@ class _Comparer:
             result.reason = f"shape {g.shape} vs {t.shape}"
             return result
         if g.data is not None and t.data is not None:
-            self._compare_tensors(result, g, t, dtype)
+            self._compare_tensors(result, g, t, dtype, deferred)
         elif (g.stats or g.data) and (t.stats or t.data):  # statistics on one side at least
             self._compare_stats(result, g.stats or tensor_stats(self.golden.load(g)),
                                 t.stats or tensor_stats(self.target.load(t)), dtype)
@@ -144,7 +170,8 @@ class _Comparer:
             result.reason = "the two runs were fed different tokens at this step"
         return result
 
-    def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str) -> None:
+    def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str,
+                         deferred: list[_Deferred] | None = None) -> None:
         golden = self.golden.load(g)
         target = self.target.load(t)
         if golden.shape != target.shape:
@@ -157,7 +184,14 @@ class _Comparer:
                 result.status, result.reason = FAIL, f"{different} of {golden.numel()} values differ"
             return
         rtol, atol = self.options.tolerance.allclose_tolerances(dtype)
-        stats = pair_stats(golden, target, rtol, atol)
+        if (deferred is not None and golden.numel() <= BATCH_MAX and not result.logits
+                and not self.options.algorithms):
+            deferred.append(_Deferred(result, golden, target, rtol, atol, dtype))
+            return
+        self._judge_tensors(result, golden, target, dtype, pair_stats(golden, target, rtol, atol))
+
+    def _judge_tensors(self, result: EntryResult, golden: torch.Tensor, target: torch.Tensor, dtype: str,
+                       stats: PairStats) -> None:
         metrics: dict[str, Any] = {name: fn(stats) for name, fn in TENSOR_METRICS.items()}
         metrics["mismatches"] = stats.mismatches
         metrics["nonfinite_mismatch"] = stats.nonfinite_mismatch
@@ -184,7 +218,7 @@ class _Comparer:
                                      f"{budget:g} ({dtype} budget)")
         else:
             ok, reason = tolerance.judge(metrics, dtype)
-        if not ok:
+        if not ok and result.status == PASS:  # a step fed different tokens keeps that status
             result.status, result.reason = FAIL, reason
 
     def _compare_stats(self, result: EntryResult, gs: dict[str, Any], ts: dict[str, Any], dtype: str) -> None:
@@ -237,13 +271,13 @@ def _steps_after_token_mismatch(golden_ids: dict[tuple[int, int], Any],
             if rank in first and step >= first[rank]}
 
 
-def _in_order(pool: ThreadPoolExecutor, pairs: Sequence[EntryPair], work: Callable[[int, EntryPair], EntryResult],
-              limit: int, chunk: int = 32) -> Iterable[EntryResult]:
-    """Run ``work`` over ``pairs`` in chunks (small tensors cost less than a task hand-off), with at
-    most ``limit`` chunks pending, yielding results in order."""
+def _in_order(pool: ThreadPoolExecutor, pairs: Sequence[EntryPair], work: Callable[[range], list[EntryResult]],
+              limit: int, chunk: int = 256) -> Iterable[EntryResult]:
+    """Run ``work`` over ``pairs`` in chunks of indices (small tensors are measured together, and cost
+    less than a task hand-off), with at most ``limit`` chunks pending, yielding results in order."""
 
     def run_chunk(start: int) -> list[EntryResult]:
-        return [work(i, pairs[i]) for i in range(start, min(start + chunk, len(pairs)))]
+        return work(range(start, min(start + chunk, len(pairs))))
 
     pending: deque[Future[list[EntryResult]]] = deque()
     for start in range(0, len(pairs), chunk):
@@ -275,8 +309,10 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     comparer = _Comparer(golden, target, options)
     entries: list[EntryResult] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmdiff-compare") as pool:
-        work = partial(comparer.result, tokens_differ=tokens_differ)
-        for result in _in_order(pool, pairs, work, 2 * workers):
+        work = partial(comparer.results, pairs=pairs, tokens_differ=tokens_differ)
+        # One thread: big chunks, so small pairs are measured in big batches; several: small chunks, to
+        # spread the large tensors that made them worth having.
+        for result in _in_order(pool, pairs, work, 2 * workers, chunk=256 if workers == 1 else 32):
             entries.append(result)
             if options.progress:
                 options.progress(len(entries), len(pairs))

@@ -280,3 +280,93 @@ def logits_metrics(golden: torch.Tensor, target: torch.Tensor) -> dict[str, floa
 
 #: Metrics where a larger value is better (a threshold on them is a minimum).
 HIGHER_IS_BETTER = frozenset({"cosine", "sqnr_db", "top1_agree"})
+
+
+# -- many small pairs at once ----------------------------------------------------------------------
+#: Pairs up to this many elements are measured together by :func:`pair_stats_batch`.
+BATCH_MAX = 1 << 14
+
+
+def pair_stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]]) -> list[PairStats]:
+    """:func:`pair_stats` of many small (golden, target, rtol, atol) pairs in one vectorized pass.
+
+    The decode steps of an LLM hold tens of thousands of tensors of a few thousand elements; measuring
+    them one by one is dominated by per-call overhead. Pairs holding NaN/Inf or huge values, empty
+    ones and float64 ones are measured by :func:`pair_stats` instead, so every result equals it
+    (up to the order of float64 summation).
+    """
+    out: list[PairStats | None] = [None] * len(pairs)
+    batch = [i for i, (g, t, _, _) in enumerate(pairs)
+             if g.numel() > 0 and g.dtype != torch.float64 and t.dtype != torch.float64
+             and g.is_floating_point() and t.is_floating_point()]
+    if batch:
+        g_all = torch.cat([pairs[i][0].detach().reshape(-1).to(torch.float32) for i in batch]).cpu().numpy()
+        t_all = torch.cat([pairs[i][1].detach().reshape(-1).to(torch.float32) for i in batch]).cpu().numpy()
+        sizes = np.array([pairs[i][0].numel() for i in batch])
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        with np.errstate(over="ignore", invalid="ignore"):
+            abs_g, abs_d = np.abs(g_all), np.abs(t_all - g_all)
+            unusual = ~np.isfinite(g_all) | ~np.isfinite(t_all) | (abs_g > HUGE) | ~(abs_d <= HUGE)
+        special = np.logical_or.reduceat(unusual, starts)
+        if special.any():  # measured one by one below
+            keep = ~special
+            batch = [i for i, k in zip(batch, keep, strict=True) if k]
+            mask = np.repeat(keep, sizes)
+            g_all, t_all, abs_g, abs_d = g_all[mask], t_all[mask], abs_g[mask], abs_d[mask]
+            sizes = sizes[keep]
+            starts = np.concatenate(([0], np.cumsum(sizes)[:-1])) if len(sizes) else sizes
+    if batch:
+        for i, s in zip(batch, _batch_stats(pairs, batch, g_all, t_all, abs_g, abs_d, sizes, starts), strict=True):
+            out[i] = s
+    return [s if s is not None else pair_stats(*pairs[i]) for i, s in enumerate(out)]
+
+
+def _batch_stats(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], batch: list[int], g: np.ndarray,
+                 t: np.ndarray, abs_g: np.ndarray, abs_d: np.ndarray, sizes: np.ndarray,
+                 starts: np.ndarray) -> list[PairStats]:
+    f64 = np.float64
+    gg = np.add.reduceat(g * g, starts, dtype=f64)
+    tt = np.add.reduceat(t * t, starts, dtype=f64)
+    gt = np.add.reduceat(g * t, starts, dtype=f64)
+    dd_e = abs_d * abs_d
+    dd = np.add.reduceat(dd_e, starts, dtype=f64)
+    sum_abs = np.add.reduceat(abs_d, starts, dtype=f64)
+    max_abs = np.maximum.reduceat(abs_d, starts)
+    rtol = np.repeat(np.array([pairs[i][2] for i in batch], dtype=np.float32), sizes)
+    atol = np.repeat(np.array([pairs[i][3] for i in batch], dtype=np.float32), sizes)
+    mismatched = np.add.reduceat((abs_d > atol + rtol * abs_g).astype(np.int64), starts)
+    floor = np.maximum(REL_FLOOR * np.sqrt(gg / sizes), max(1e-300, float(np.finfo(np.float32).tiny)))
+    rel = abs_d / np.maximum(abs_g, np.repeat(floor.astype(np.float32), sizes))
+    max_rel = np.maximum.reduceat(rel, starts)
+    above = {thr: np.add.reduceat((rel > thr).astype(np.int64), starts) for thr in REL_THRESHOLDS}
+    # Worst row: rows are the last dimension of tensors of two or more dimensions with several rows.
+    row_len = np.array([_row_length(pairs[i][0]) for i in batch])
+    worst = np.full(len(batch), -1.0)
+    has_rows = row_len > 0
+    if has_rows.any():
+        # Every segment is cut into rows (one row when it has no row structure), so no sum runs into the next.
+        step = np.where(has_rows, row_len, sizes)
+        rows_per = (sizes // step).astype(np.int64)
+        row_starts = np.concatenate([np.arange(s, s + n, r) for s, n, r in zip(starts, sizes, step, strict=True)])
+        row_gg = np.add.reduceat(g * g, row_starts, dtype=f64)
+        row_dd = np.add.reduceat(dd_e, row_starts, dtype=f64)
+        first_row = np.concatenate(([0], np.cumsum(rows_per)[:-1]))
+        row_floor = REL_FLOOR**2 * np.add.reduceat(row_gg, first_row) / rows_per
+        row_floor_e = np.repeat(row_floor, rows_per)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rows = np.where(row_floor_e > 0, np.sqrt(row_dd / np.maximum(row_gg, row_floor_e)), np.sqrt(row_dd))
+        worst = np.where(has_rows, np.maximum.reduceat(rows, first_row), -1.0)
+    stats = []
+    for k in range(len(batch)):
+        s = PairStats(n=int(sizes[k]), gg=float(gg[k]), tt=float(tt[k]), gt=float(gt[k]), dd=float(dd[k]),
+                      max_abs=float(max_abs[k]), sum_abs=float(sum_abs[k]), max_rel=float(max_rel[k]),
+                      rel_above={thr: int(above[thr][k]) for thr in REL_THRESHOLDS},
+                      mismatches=int(mismatched[k]))
+        s.worst_row_rel_l2 = float(worst[k]) if worst[k] >= 0 else rel_l2(s)
+        stats.append(s)
+    return stats
+
+
+def _row_length(golden: torch.Tensor) -> int:
+    row = golden.shape[-1] if golden.dim() >= 2 else 0
+    return int(row) if row and golden.numel() > row else 0

@@ -32,6 +32,7 @@ that shows at every step (see :mod:`llmdiff.compare.localize`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)  # called for every pair, with a handful of distinct dtypes
 def lower_precision(*dtypes: str) -> str:
     """The dtype with the largest unit roundoff; integer and unknown dtypes count as exact."""
     floats = [d for d in dtypes if d in UNIT_ROUNDOFF]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -21,6 +22,8 @@ from llmdiff.errors import DumpError
 from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, PROCESS_FILE, RUN_FILE, Entry, StepRecord
 
 OPEN_SHARDS = 4
+#: Shards up to this size are read whole into memory (decode steps write many small ones).
+SMALL_SHARD = 16 << 20
 _SHARD_NAME = re.compile(r"shard-\d{6}\.safetensors")
 
 
@@ -93,11 +96,14 @@ class Dump:
                 self._handles.pop(next(iter(self._handles)))
             file = self.process_folder(entry.process) / entry.data["file"]
             try:
-                handle = self._handles[key] = safe_open(str(file), framework="pt")
+                if file.stat().st_size <= SMALL_SHARD:  # one read beats thousands of small lookups
+                    handle = self._handles[key] = safetensors.torch.load(file.read_bytes())
+                else:
+                    handle = self._handles[key] = safe_open(str(file), framework="pt")
             except (OSError, SafetensorError) as exc:
                 raise DumpError(f"cannot read {file}: {exc}") from None
         try:
-            return handle.get_tensor(entry.data["key"])
+            return handle[entry.data["key"]] if isinstance(handle, dict) else handle.get_tensor(entry.data["key"])
         except (KeyError, SafetensorError) as exc:
             raise DumpError(f"{entry.data['file']}: no tensor {entry.data['key']!r} ({exc})") from None
 
