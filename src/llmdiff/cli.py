@@ -61,7 +61,7 @@ def cli() -> None:
 def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...], **cli_options: Any) -> None:
     """Run COMMAND (a Python program, after '--') with capture on, child processes included."""
     from llmdiff.capture.autorun import CONFIG_ENV, RUN_DIR_ENV
-    from llmdiff.capture.session import finish_run_dir, prepare_run_dir
+    from llmdiff.capture.session import finish_run_dir, new_run_dir, prepare_run_dir
     from llmdiff.config import config_from_mapping, is_vllm_config, load_config_file, vllm_config
 
     options = load_config_file(config_file) if config_file else {}
@@ -77,12 +77,7 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
         if value not in (None, ()):
             options[key] = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
     config = config_from_mapping(options, source=str(config_file or "options"))
-    if run_dir is None:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("llmdiff-runs") / stamp
-        suffix = 1
-        while run_dir.exists():
-            run_dir, suffix = Path("llmdiff-runs") / f"{stamp}-{suffix}", suffix + 1
+    run_dir = run_dir or new_run_dir()
     _check_autorun_installed()
     prepare_run_dir(run_dir, [sys.argv[0], *sys.argv[1:]], config)
     env = {**os.environ, RUN_DIR_ENV: str(run_dir.resolve()), CONFIG_ENV: json.dumps(config.to_json())}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -344,11 +344,12 @@ def vllm_config(options: Mapping[str, Any], source: str = "config") -> VllmLogCo
     steps = options.get("log_step_ids", [0])
     if isinstance(steps, int):
         steps = [steps]
-    parse_modules(options.get("module_call_match"), f"{source}: module_call_match")
-    parse_steps(steps if steps else "all", f"{source}: log_step_ids")
-    devices = [d.replace("_", ":") for d in _str_list(options.get("device_names"), f"{source}: device_names")]
-    capture = make_config(modules=options.get("module_call_match"), steps=steps if steps else "all", devices=devices,
-                          max_tensor_size=options.get("max_tensor_size"))
+    # Parsed here rather than by make_config so that errors name vLLM's options.
+    capture = replace(
+        make_config(max_tensor_size=options.get("max_tensor_size")),
+        modules=parse_modules(options.get("module_call_match"), f"{source}: module_call_match"),
+        steps=parse_steps(steps if steps else "all", f"{source}: log_step_ids"),
+        devices=tuple(d.replace("_", ":") for d in _str_list(options.get("device_names"), f"{source}: device_names")))
     enabled = options.get("enabled", True)
     if not isinstance(enabled, bool):
         raise UsageError(f"{source}: enabled: expected true or false, got {enabled!r}")

@@ -31,7 +31,15 @@ from torch.utils.hooks import RemovableHandle
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
 from llmdiff.capture.stats import batch_stats, content_hash, tensor_stats
-from llmdiff.config import CaptureConfig, make_config, op_filter
+from llmdiff.config import (
+    CaptureConfig,
+    config_from_mapping,
+    is_vllm_config,
+    load_config_file,
+    make_config,
+    op_filter,
+    vllm_config,
+)
 from llmdiff.errors import LlmdiffError
 from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, Entry, StepRecord
 from llmdiff.store.writer import DumpWriter
@@ -81,6 +89,15 @@ def _distributed_rank() -> int | None:
     if dist.is_available() and dist.is_initialized():
         return int(dist.get_rank())
     return int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else None
+
+
+def new_run_dir(base: Path = Path("llmdiff-runs")) -> Path:
+    """A run folder under ``base`` named by the time, not yet taken (``<time>-1``... when it is)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, suffix = base / stamp, 1
+    while run_dir.exists():
+        run_dir, suffix = base / f"{stamp}-{suffix}", suffix + 1
+    return run_dir
 
 
 def prepare_run_dir(run_dir: Path, argv: list[str], config: CaptureConfig) -> None:
@@ -185,13 +202,8 @@ class Capture:
             self._handles.append(nn.modules.module.register_module_forward_pre_hook(self._discover))
         if self.weights and self.model is not None and not self._weights_saved:
             self._weights_saved = True
-            model, config = self.model, self.config
-
-            def captured(name: str) -> bool:
-                owner = name.rpartition(".")[0]
-                return config.selects_module(owner, type(model.get_submodule(owner)).__name__)
-
-            self.save_weights(model, captured)
+            config = self.config
+            self.save_weights(self.model, lambda path, owner: config.selects_module(path, type(owner).__name__))
         if self._ops_wanted is not None:
             self._op_mode = OpRecorder(self._op_wanted, lambda: self._busy, self._record_op)
             self._op_mode.__enter__()
@@ -268,16 +280,16 @@ class Capture:
         finally:
             self._busy = busy
 
-    def save_weights(self, model: nn.Module, name_filter: Callable[[str], bool] | None = None) -> int:
+    def save_weights(self, model: nn.Module, module_filter: Callable[[str, nn.Module], bool] | None = None) -> int:
         """Record ``model``'s parameters (and buffers) as part ``param`` of their modules, in the current
-        step, whatever the step filter says; returns how many were recorded. ``name_filter`` gets each
-        full parameter name (``model.layers.0.mlp.up_proj.weight``)."""
+        step, whatever the step filter says; returns how many were recorded. ``module_filter`` gets the
+        path and the module owning each (``"model.layers.0.mlp.up_proj"``, the ``Linear``)."""
         count = 0
         for full_name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name_filter is not None and not name_filter(full_name):
-                continue
             module, _, leaf = full_name.rpartition(".")
             owner = model.get_submodule(module) if module else model
+            if module_filter is not None and not module_filter(module, owner):
+                continue
             self._record(module, type(owner).__name__, 0, "param", leaf, tensor.detach())
             count += 1
         if count and self.auto_step and self._depth == 0:
@@ -612,13 +624,11 @@ def capture(model: nn.Module | None, run_dir: str | os.PathLike[str] | None = No
 
     ``config`` replaces all the filters: a :class:`~llmdiff.config.CaptureConfig`, a dict of these
     options, a vLLM ``--intermediate-log-config`` dict, or a JSON file of either. Without ``run_dir``,
-    a vLLM config's ``output_dir/<random id>`` is used, else ``llmdiff-runs/<time>``.
+    a vLLM config's ``output_dir/<random id>`` is used, else a new ``llmdiff-runs/<time>``.
 
     >>> with llmdiff.capture(model, "runs/fp32", modules=[r"layers\\.0\\."], steps="0-3") as run:
     ...     model.generate(**inputs)
     """
-    from llmdiff.config import config_from_mapping, is_vllm_config, load_config_file, vllm_config
-
     default_dir: Path | None = None
     if config is None:
         config = make_config(modules=modules, types=types, steps=steps, parts=parts, mode=mode, devices=devices,
@@ -635,7 +645,7 @@ def capture(model: nn.Module | None, run_dir: str | os.PathLike[str] | None = No
         else:
             config = config_from_mapping(config, source)
     if run_dir is None:
-        run_dir = default_dir or Path("llmdiff-runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        run_dir = default_dir or new_run_dir()
     return Capture(model, run_dir, config, auto_step=auto_step, weights=weights)
 
 

@@ -133,9 +133,9 @@ class _Comparer:
         return out
 
     def result(self, index: int, pair: EntryPair, tokens_differ: set[tuple[int, int]],
-               deferred: list[_Deferred] | None = None) -> EntryResult:
-        """The result of one pair. With ``deferred``, a small float pair is only loaded and left there
-        to be measured with others (see :meth:`results`)."""
+               deferred: list[_Deferred]) -> EntryResult:
+        """The result of one pair; a small float pair is only loaded and left in ``deferred``, to be
+        measured with others (see :meth:`results`)."""
         g, t = pair.golden, pair.target
         any_entry = pair.any
         result = EntryResult(index=index, rank=any_entry.rank, step=any_entry.step, module=any_entry.module,
@@ -171,7 +171,7 @@ class _Comparer:
         return result
 
     def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str,
-                         deferred: list[_Deferred] | None = None) -> None:
+                         deferred: list[_Deferred]) -> None:
         golden = self.golden.load(g)
         target = self.target.load(t)
         if golden.shape != target.shape:
@@ -184,8 +184,7 @@ class _Comparer:
                 result.status, result.reason = FAIL, f"{different} of {golden.numel()} values differ"
             return
         rtol, atol = self.options.tolerance.allclose_tolerances(dtype)
-        if (deferred is not None and golden.numel() <= BATCH_MAX and not result.logits
-                and not self.options.algorithms):
+        if golden.numel() <= BATCH_MAX and not result.logits and not self.options.algorithms:
             deferred.append(_Deferred(result, golden, target, rtol, atol, dtype))
             return
         self._judge_tensors(result, golden, target, dtype, pair_stats(golden, target, rtol, atol))

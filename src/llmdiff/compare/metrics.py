@@ -103,7 +103,7 @@ def pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0, at
     error of any row whose golden norm is at least 1e-3 of the rows' rms norm.
     """
     s = PairStats(rel_above=dict.fromkeys(REL_THRESHOLDS, 0))
-    row = golden.shape[-1] if golden.dim() >= 2 and golden.shape[-1] and golden.numel() > golden.shape[-1] else 0
+    row = _row_length(golden)
     size = max(1, CHUNK // row) * row if row else CHUNK
     single = golden.numel() <= size  # one chunk: converted once and kept for the second pass
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -325,7 +325,8 @@ def _batch_stats(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], b
                  t: np.ndarray, abs_g: np.ndarray, abs_d: np.ndarray, sizes: np.ndarray,
                  starts: np.ndarray) -> list[PairStats]:
     f64 = np.float64
-    gg = np.add.reduceat(g * g, starts, dtype=f64)
+    gg_e = g * g
+    gg = np.add.reduceat(gg_e, starts, dtype=f64)
     tt = np.add.reduceat(t * t, starts, dtype=f64)
     gt = np.add.reduceat(g * t, starts, dtype=f64)
     dd_e = abs_d * abs_d
@@ -335,7 +336,7 @@ def _batch_stats(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], b
     rtol = np.repeat(np.array([pairs[i][2] for i in batch], dtype=np.float32), sizes)
     atol = np.repeat(np.array([pairs[i][3] for i in batch], dtype=np.float32), sizes)
     mismatched = np.add.reduceat((abs_d > atol + rtol * abs_g).astype(np.int64), starts)
-    floor = np.maximum(REL_FLOOR * np.sqrt(gg / sizes), max(1e-300, float(np.finfo(np.float32).tiny)))
+    floor = np.maximum(REL_FLOOR * np.sqrt(gg / sizes), float(np.finfo(np.float32).tiny))  # as pair_stats
     rel = abs_d / np.maximum(abs_g, np.repeat(floor.astype(np.float32), sizes))
     max_rel = np.maximum.reduceat(rel, starts)
     above = {thr: np.add.reduceat((rel > thr).astype(np.int64), starts) for thr in REL_THRESHOLDS}
@@ -348,7 +349,7 @@ def _batch_stats(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], b
         step = np.where(has_rows, row_len, sizes)
         rows_per = (sizes // step).astype(np.int64)
         row_starts = np.concatenate([np.arange(s, s + n, r) for s, n, r in zip(starts, sizes, step, strict=True)])
-        row_gg = np.add.reduceat(g * g, row_starts, dtype=f64)
+        row_gg = np.add.reduceat(gg_e, row_starts, dtype=f64)
         row_dd = np.add.reduceat(dd_e, row_starts, dtype=f64)
         first_row = np.concatenate(([0], np.cumsum(rows_per)[:-1]))
         row_floor = REL_FLOOR**2 * np.add.reduceat(row_gg, first_row) / rows_per
@@ -368,5 +369,7 @@ def _batch_stats(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], b
 
 
 def _row_length(golden: torch.Tensor) -> int:
+    """The length of a row (the last dimension) when ``golden`` has two or more dimensions and several
+    rows; 0 when it has no row structure."""
     row = golden.shape[-1] if golden.dim() >= 2 else 0
     return int(row) if row and golden.numel() > row else 0

@@ -138,8 +138,7 @@ def register_hook(model: nn.Module, config: DumpConfig, hook_type: str = "dump_d
     capture = Capture(model, run_dir, make_config(**config.capture_options(model))).start()
     if config.dump_weight:
         pattern = re.compile(layer_name_regex(config.layer_name)) if config.layer_name else None
-        capture.save_weights(model, None if pattern is None else
-                             lambda name: bool(pattern.match(name.rpartition(".")[0])))
+        capture.save_weights(model, None if pattern is None else lambda path, owner: bool(pattern.match(path)))
     _registered[model] = capture
     atexit.register(capture.stop)
     print(f"llmdiff: dumping into {run_dir}", file=sys.stderr)

@@ -74,22 +74,20 @@ def _steps(value: Any) -> str:
         raise UsageError(f"msprobe config: step: expected a list of steps like [0, 2, '4-6'], got {value!r}") from None
 
 
-def _module_regexes(names: list[Any]) -> list[str] | None:
-    regexes: list[str] = []
-    for name in names:
-        if not isinstance(name, str):
-            raise UsageError(f"msprobe config: list: expected module names, got {name!r}")
-        m = _MODULE_CALL.match(name)
-        regexes.append(f"^{re.escape(m['path'])}$" if m else re.escape(name))
-    return regexes or None
+def _name_regex(name: Any, option: str) -> str:
+    """``Module.<path>.<Class>.forward.<n>`` → that module exactly; any other string → names containing it."""
+    if not isinstance(name, str):
+        raise UsageError(f"msprobe config: {option}: expected module names, got {name!r}")
+    m = _MODULE_CALL.match(name)
+    return f"^{re.escape(m['path'])}$" if m else re.escape(name)
 
 
 def _scope(scope: list[Any]) -> list[str] | None:
     if not scope:
         return None
-    if len(scope) != 2 or not all(isinstance(s, str) for s in scope):
+    if len(scope) != 2:
         raise UsageError(f"msprobe config: scope: expected [first, last] module calls, got {scope!r}")
-    return [f"^{re.escape(m['path'])}$" if (m := _MODULE_CALL.match(s)) else re.escape(s) for s in scope]
+    return [_name_regex(s, "scope") for s in scope]
 
 
 class PrecisionDebugger:
@@ -125,15 +123,13 @@ class PrecisionDebugger:
         if summary_mode not in ("statistics", "md5"):
             raise UsageError(f"msprobe config: summary_mode {summary_mode!r} is not statistics or md5")
         self.debugger_steps = parse_steps(_steps(step if step is not None else config.get("step")), "step")
-        self._scope = list(task_config.get("scope") or [])
-        self._list = list(task_config.get("list") or [])
-        self._options: dict[str, Any] = {
-            "steps": "all", "mode": "stats" if self.task == "statistics" else "tensor",
-            "parts": "both" if wants_in and wants_out else "inputs" if wants_in else "outputs",
-            "ranks": config.get("rank") or None, "hash": summary_mode == "md5",
-            "level": {"L0": "module", "L1": "op", "mix": "mix"}[self.level],
-        }
-        make_config(**self._options)  # validate now, before the model runs
+        self.config = make_config(  # validated now, before the model runs
+            modules=[_name_regex(n, "list") for n in task_config.get("list") or []] or None,
+            scope=_scope(list(task_config.get("scope") or [])),
+            steps="all", mode="stats" if self.task == "statistics" else "tensor",
+            parts="both" if wants_in and wants_out else "inputs" if wants_in else "outputs",
+            ranks=config.get("rank") or None, hash=summary_mode == "md5",
+            level={"L0": "module", "L1": "op", "mix": "mix"}[self.level])
         self.current_step = 0
         self.capture: Capture | None = None
         self._model = model
@@ -147,8 +143,7 @@ class PrecisionDebugger:
         if self.current_step not in self.debugger_steps:
             return
         if self.capture is None:
-            config = make_config(modules=_module_regexes(self._list), scope=_scope(self._scope), **self._options)
-            self.capture = Capture(model, self.dump_path, config)
+            self.capture = Capture(model, self.dump_path, self.config)
             atexit.register(self.capture.stop)
         self.capture.start()
 

@@ -85,7 +85,10 @@ def open_msit_dump(path: Path) -> Dump:
         for file in sorted(weights.glob("*.pth")) if weights.is_dir() else []:
             module, _, name = _module(file.stem).rpartition(".")
             _add(proc, problems, file, base, rank, 0, module, types.get(module, ""), "param", name, device)
-        for step, module_dir, module_path in sorted(units, key=lambda u: (u[0], _tree_order(types, u[1]))):
+        # A module's position in model_tree.json, children before parents: a stand-in for the order calls end.
+        order = {module: i for i, module in enumerate(types)}
+        units.sort(key=lambda u: (u[0], order.get(_module(u[1]), len(order))))
+        for step, module_dir, module_path in units:
             module = _module(module_dir)
             files = sorted(module_path.iterdir(), key=lambda f: (not f.name.startswith("input"), f.name))
             for file in files:
@@ -98,13 +101,6 @@ def open_msit_dump(path: Path) -> Dump:
         close_steps(proc, rank)
         processes.append(proc)
     return Dump(path, {"format": FORMAT}, processes, problems, format=FORMAT)
-
-
-def _tree_order(types: dict[str, str], module_dir: str) -> int:
-    # A module's position in model_tree.json, children before parents: a stand-in for the order calls end.
-    order = list(types)
-    module = _module(module_dir)
-    return order.index(module) if module in order else len(order)
 
 
 def _add(proc: ProcessDump, problems: list[str], file: Path, base: str, rank: int, step: int, module: str,
