@@ -26,9 +26,7 @@ def print_comparison(c: Comparison, console: Console, verbose: bool = False, top
             table.add_row(str(i), module_label(k.module) + ("" if k.confirmed else " (suspect)"), str(k.step),
                           num(k.score), num(k.input_error), num(k.output_error), str(k.steps), k.reason)
         console.print(table)
-    counts = c.counts
-    console.print("entries: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total")
-                  + f" (of {counts['total']})")
+    _print_counts(c, console, "entries")
     if verbose:
         table = Table(title="entries not passing", title_justify="left")
         for col in ("step", "entry", "status", "rel_l2", "cosine", "max_abs", "reason"):
@@ -38,10 +36,7 @@ def print_comparison(c: Comparison, console: Console, verbose: bool = False, top
                 table.add_row(str(e.step), e.name, e.status, num(e.metrics.get("rel_l2")),
                               num(e.metrics.get("cosine")), num(e.metrics.get("max_abs")), e.reason)
         console.print(table)
-    for note in c.notes:
-        console.print(f"[dim]note:[/] {note}", highlight=False)
-    for problem in c.problems:
-        console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+    _print_notes(c, console)
 
 
 def print_weights(c: Comparison, console: Console, top: int = 10) -> None:
@@ -58,8 +53,18 @@ def print_weights(c: Comparison, console: Console, top: int = 10) -> None:
                       num(e.metrics.get("rel_l2")), num(e.metrics.get("max_abs")), num(e.metrics.get("cosine")),
                       e.status if e.status == PASS else f"[red]{e.status}[/]")
     console.print(table)
+    _print_counts(c, console, "tensors")
+    _print_notes(c, console)
+
+
+def _print_counts(c: Comparison, console: Console, label: str) -> None:
     counts = c.counts
-    console.print("tensors: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total")
+    console.print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total")
                   + f" (of {counts['total']})")
+
+
+def _print_notes(c: Comparison, console: Console) -> None:
     for note in c.notes:
         console.print(f"[dim]note:[/] {note}", highlight=False)
+    for problem in c.problems:
+        console.print(f"[yellow]warning:[/] {problem}", highlight=False)

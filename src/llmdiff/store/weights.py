@@ -38,6 +38,8 @@ _GGUF_LLAMA = [
     (r"^blk\.(\d+)\.ffn_norm\.(weight)$", r"model.layers.\1.post_attention_layernorm.\2"),
 ]
 GGUF_LLAMA_NAMES = [(re.compile(a), b) for a, b in _GGUF_LLAMA]
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8",
+                       "I32": "int32", "I64": "int64", "U8": "uint8", "BOOL": "bool"}
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -128,8 +130,7 @@ def _safetensors(path: Path) -> _WeightSet:
             raise DumpError(f"{file}: not a readable safetensors file ({exc})") from None
         for key in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
             sl = handle.get_slice(key)
-            dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8",
-                     "I32": "int32", "I64": "int64", "U8": "uint8", "BOOL": "bool"}.get(sl.get_dtype(), sl.get_dtype())
+            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
             where[key] = file
             ws.entries[key] = _entry(0, key, list(sl.get_shape()), dtype, {"file": file.name, "key": key})
     ws.names = set(ws.entries)
