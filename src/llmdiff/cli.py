@@ -85,17 +85,13 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
         child = subprocess.Popen(list(command), env=env)
     except OSError as exc:
         raise LlmdiffError(f"cannot start {command[0]!r}: {exc.strerror}") from None
-    # Ctrl-C reaches the child through the terminal; SIGTERM sent to us is passed on.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: _pass_on(child, signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except KeyboardInterrupt:
-                continue
+        code = child.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     finish_run_dir(run_dir, exit_code=code)
     from llmdiff.store.reader import open_dump
     from llmdiff.store.summary import summarize
@@ -103,7 +99,23 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
     summary = summarize(open_dump(run_dir))
     err_console.print(f"llmdiff: {summary.entries} entries, {len(summary.steps)} steps, "
                       f"{len(summary.processes)} process(es) captured into {run_dir}")
+    if not summary.entries:
+        err_console.print("llmdiff: warning: nothing was captured: no process ran a hooked module in a selected "
+                          "step (check the filters; torch.compile and CUDA graphs hide module calls: run eagerly, "
+                          "e.g. vllm --enforce-eager)")
     sys.exit(code)
+
+
+def _pass_on(child: subprocess.Popen[bytes], signum: int) -> None:
+    """Hand SIGTERM/SIGINT to the child, except a Ctrl-C the terminal already sent to the whole foreground group."""
+    if signum == signal.SIGINT:
+        try:
+            if os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp():
+                return
+        except (OSError, ValueError):  # no terminal: the signal was sent to us alone
+            pass
+    if child.poll() is None:
+        child.send_signal(signum)
 
 
 def _check_autorun_installed() -> None:
@@ -119,13 +131,26 @@ def _check_autorun_installed() -> None:
 
 @cli.command()
 @click.argument("dump", type=click.Path(path_type=Path))
-def show(dump: Path) -> None:
-    """Summarize a dump: steps, modules, entries, bytes, dtypes, NaN/Inf."""
-    from llmdiff.report.show import print_summary
+@click.option("-l", "--list", "list_modules", is_flag=True,
+              help="List the captured modules: steps, calls per step, parts with shapes and dtypes, callers.")
+@click.option("--modules", multiple=True, help="Only modules matching these regexes (comma-separated, ':i' ok); "
+              "implies --list.")
+@click.option("--steps", help="Only these steps: '0', '0-3', '0,2,5-7'; implies --list.")
+def show(dump: Path, list_modules: bool, modules: tuple[str, ...], steps: str | None) -> None:
+    """Summarize a dump: steps, modules, entries, bytes, dtypes, NaN/Inf; with --list, what each module recorded."""
+    from llmdiff.config import parse_modules, parse_steps
+    from llmdiff.report.show import print_modules, print_summary
     from llmdiff.store.reader import open_dump
-    from llmdiff.store.summary import summarize
+    from llmdiff.store.summary import module_rows, summarize
 
-    print_summary(summarize(open_dump(dump)), console)
+    patterns = parse_modules(split_patterns(modules), "--modules")
+    step_set = parse_steps(steps, "--steps")
+    opened = open_dump(dump)
+    print_summary(summarize(opened), console)
+    if list_modules or patterns or steps is not None:
+        chosen = [e for e in opened.entries if e.step in step_set and (not patterns or any(
+            p.matches(e.module) and p.call in (None, e.call) for p in patterns))]
+        print_modules(module_rows(chosen), console)
 
 
 @cli.command()

@@ -40,6 +40,7 @@ from llmdiff.config import (
     op_filter,
     vllm_config,
 )
+from llmdiff.engines import EngineSteps, engine_steps, resolve_model
 from llmdiff.errors import LlmdiffError
 from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, Entry, StepRecord
 from llmdiff.store.writer import DumpWriter
@@ -132,9 +133,9 @@ class Capture:
     Use as a context manager, or call :meth:`start` and :meth:`stop`. See :func:`llmdiff.capture`.
     """
 
-    def __init__(self, model: nn.Module | None, run_dir: str | os.PathLike[str], config: CaptureConfig | None = None,
+    def __init__(self, model: Any, run_dir: str | os.PathLike[str], config: CaptureConfig | None = None,
                  *, auto_step: bool = True, owns_run_dir: bool = True, weights: bool = False) -> None:
-        self.model = model
+        self.model, self._engine_hint = resolve_model(model)
         self.run_dir = Path(run_dir)
         self.config = config or make_config()
         self.auto_step = auto_step
@@ -160,7 +161,7 @@ class Capture:
         self._token_ids: list[Any] | None = None
         self._step_entries = 0
         self._depth = 0
-        self._open_calls: dict[int, list[int]] = {}
+        self._open_calls: dict[int, list[tuple[int, str | None]]] = {}  # id(module) -> (call, caller) of its open calls
         self._kwargs_pending: set[int] = set()
         self._seq = 0
         self._graph_capture_seen = False
@@ -173,6 +174,10 @@ class Capture:
         self._weights_saved = False
         self._op_mode: OpRecorder | None = None
         self._ops_wanted = op_filter(self.config) if self.config.level != "module" else None
+        self._engine: EngineSteps | None = None  # an engine that marks its own steps (vLLM)
+        self._engine_step_open = False
+        self.warmup_calls = 0  # outermost calls of an engine's model outside its steps (warm-up, profiling)
+        self.internal_errors = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> Capture:
@@ -225,6 +230,9 @@ class Capture:
         self._flush()
 
     def _detach(self) -> None:
+        if self._engine is not None:
+            self._engine.detach()
+            self._engine = None
         if self._op_mode is not None:
             self._op_mode.__exit__(None, None, None)
             self._op_mode = None
@@ -253,7 +261,8 @@ class Capture:
                 self._write_process_file(end=_now())
             if self.owns_run_dir and self.run_dir.joinpath(RUN_FILE).exists() and self.rank in (None, 0):
                 finish_run_dir(self.run_dir)
-        if self.calls_seen == 0 and self.entries == 0:
+        # In zero-code capture most processes (an engine's front end, its scheduler) run no model at all.
+        if self.calls_seen == 0 and self.entries == 0 and self.model is not None:
             warnings.warn("llmdiff: no forward call of a captured module was seen. If the model ran under "
                           "torch.compile or CUDA graphs, hooks do not fire there: run it eagerly to capture.",
                           LlmdiffWarning, stacklevel=2)
@@ -309,19 +318,28 @@ class Capture:
     def _attach(self, root: nn.Module) -> None:
         cfg = self.config
         param = next(root.parameters(), None)
+        claimed = engine_steps(self, root, self._engine_hint) if self._engine is None and self.auto_step else None
+        if claimed is not None:
+            self._engine = claimed
         if self._model_index.get(id(root)) is None:
             self._model_index[id(root)] = len(self._models)
-            self._models.append({
+            info: dict[str, Any] = {
                 "class": type(root).__name__,
                 "dtype": _dtype_name(param.dtype) if param is not None else "",
                 "device": str(param.device) if param is not None else "",
-            })
+            }
+            if claimed is not None:
+                info["engine"] = claimed.describe()
+            self._models.append(info)
+        callers = _callers_of_shared(root, cfg)
         for name, module in root.named_modules():
             if module in self._names:
                 continue
             self._names[module] = name
-            # Op-level capture names an op by the module running it, so it hooks every module.
-            if module is root or cfg.level != "module" or cfg.selects_module(name, type(module).__name__):
+            # Op-level capture names an op by the module running it, so it hooks every module; the callers
+            # of a selected shared module are hooked too (not recorded) so that its calls can name them.
+            if (module is root or cfg.level != "module" or name in callers
+                    or cfg.selects_module(name, type(module).__name__)):
                 self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
 
@@ -330,7 +348,11 @@ class Capture:
         # Its own new hooks fire from the next call on, so this call's entry is handled here; its
         # keyword arguments are not visible to a global pre-hook and are recorded at exit instead.
         if self._depth == 0 and module not in self._names:
-            self._attach(module)
+            try:
+                self._attach(module)
+            except Exception as exc:
+                self._internal_error(exc)
+                return
             self._kwargs_pending.add(id(module))
             self._pre(module, args, {})
 
@@ -338,6 +360,8 @@ class Capture:
         busy, self._busy = self._busy, True
         try:
             self._pre_call(module, args, kwargs)
+        except Exception as exc:
+            self._internal_error(exc)
         finally:
             self._busy = busy
 
@@ -345,30 +369,48 @@ class Capture:
         busy, self._busy = self._busy, True
         try:
             self._post_call(module, args, kwargs, output)
+        except Exception as exc:
+            self._internal_error(exc)
         finally:
             self._busy = busy
 
+    def _internal_error(self, exc: Exception) -> None:
+        # A capture never crashes the program it observes: an error of llmdiff's own is reported once,
+        # counted in process.json, and the rest of the run goes on (capturing what it still can).
+        self.internal_errors += 1
+        if self.internal_errors == 1:
+            warnings.warn(f"llmdiff: capture error (the program goes on): {type(exc).__name__}: {exc}",
+                          LlmdiffWarning, stacklevel=2)
+
     def _pre_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.calls_seen += 1
-        if self._depth == 0 and self.auto_step:
-            self._begin_step(args, kwargs)
+        if self._depth == 0:
+            if self._engine is not None:
+                self._engine.root_call(module, args, kwargs)
+                self.warmup_calls += not self._engine_step_open
+            elif self.auto_step:
+                self._begin_step(args, kwargs)
         self._depth += 1
         name = self._names.get(module, type(module).__name__)
         call = self._calls[name] = self._calls.get(name, -1) + 1
-        self._open_calls.setdefault(id(module), []).append(call)
+        # A module shared by several callers (vLLM's one rotary_emb for every layer) records who called it.
+        caller = self._module_stack[-1] if self._module_stack else None
+        if caller is not None and (not caller or name.startswith(caller + ".")):  # by an ancestor: nothing to say
+            caller = None
+        self._open_calls.setdefault(id(module), []).append((call, caller))
         self._module_stack.append(name)
         scope = self.config.scope
         if scope is not None and not self._in_scope and scope[0].matches(name) and scope[0].call in (None, call):
             self._in_scope = True
         if "input" in self.config.parts and self._selected(module, name, call):
-            self._record_all(module, name, call, "input", args)
-            self._record_all(module, name, call, "kwarg", kwargs)
+            self._record_all(module, name, call, "input", args, caller)
+            self._record_all(module, name, call, "kwarg", kwargs, caller)
 
     def _post_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         stack = self._open_calls.get(id(module))
         if not stack:  # hooks attached while this call was already running
             return
-        call = stack.pop()
+        call, caller = stack.pop()
         self._depth -= 1
         if self._module_stack:
             self._module_stack.pop()
@@ -378,13 +420,13 @@ class Capture:
             if self._depth == 0 and self.auto_step and self._token_ids is None:
                 self._token_ids = _token_ids(args, kwargs)
             if "input" in self.config.parts and self._selected(module, name, call):
-                self._record_all(module, name, call, "kwarg", kwargs)
+                self._record_all(module, name, call, "kwarg", kwargs, caller)
         if "output" in self.config.parts and self._selected(module, name, call):
-            self._record_all(module, name, call, "output", output)
+            self._record_all(module, name, call, "output", output, caller)
         scope = self.config.scope
         if scope is not None and self._in_scope and scope[1].matches(name) and scope[1].call in (None, call):
             self._in_scope = False
-        if self._depth == 0 and self.auto_step:
+        if self._depth == 0 and self.auto_step and self._engine is None:
             self._end_step()
 
     def _selected(self, module: nn.Module, name: str, call: int) -> bool:
@@ -403,27 +445,34 @@ class Capture:
     def _record_op(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self._busy = True
         try:
-            cfg = self.config
-            full = f"{self._module_stack[-1] if self._module_stack else ''}/{name}"
-            call = self._calls[full] = self._calls.get(full, -1) + 1
-            if not self._step_selected() or (cfg.scope is not None and not self._in_scope):
-                return
-            if cfg.modules and not cfg.selects_call(full, call):
-                return
-            if "input" in cfg.parts:
-                for part, value in (("input", args), ("kwarg", kwargs)):
-                    for path, tensor in flatten(value):
-                        # Weights reach ops as inputs (F.linear's weight) at every call; they do not change
-                        # within a run, so they are left out here (weights=True records them once).
-                        if not isinstance(tensor, nn.Parameter):
-                            self._record(full, "op", call, part, path, tensor)
-            if "output" in cfg.parts:
-                for path, tensor in flatten(output):
-                    self._record(full, "op", call, "output", path, tensor)
+            self._record_op_call(name, args, kwargs, output)
+        except Exception as exc:
+            self._internal_error(exc)
         finally:
             self._busy = False
 
+    def _record_op_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        cfg = self.config
+        full = f"{self._module_stack[-1] if self._module_stack else ''}/{name}"
+        call = self._calls[full] = self._calls.get(full, -1) + 1
+        if not self._step_selected() or (cfg.scope is not None and not self._in_scope):
+            return
+        if cfg.modules and not cfg.selects_call(full, call):
+            return
+        if "input" in cfg.parts:
+            for part, value in (("input", args), ("kwarg", kwargs)):
+                for path, tensor in flatten(value):
+                    # Weights reach ops as inputs (F.linear's weight) at every call; they do not change
+                    # within a run, so they are left out here (weights=True records them once).
+                    if not isinstance(tensor, nn.Parameter):
+                        self._record(full, "op", call, part, path, tensor)
+        if "output" in cfg.parts:
+            for path, tensor in flatten(output):
+                self._record(full, "op", call, "output", path, tensor)
+
     def _step_selected(self) -> bool:
+        if self._engine is not None and not self._engine_step_open:
+            return False  # an engine's warm-up pass, or between its steps
         ranks = self.config.ranks
         return self.current_step in self.config.steps and (ranks is None or self._rank() in ranks)
 
@@ -440,21 +489,50 @@ class Capture:
         self._reset_step_state()
         self._token_ids = _token_ids(args, kwargs)
 
-    def _end_step(self) -> None:
+    def _end_step(self, metadata: Mapping[str, Any] | None = None) -> None:
         self._flush()
         if self._step_selected() and (self._step_entries or self._writer is not None):
-            self._ensure_writer().end_step(
-                StepRecord(self._rank(), self.current_step, self._token_ids, self._step_entries))
+            metadata = metadata or {}
+            self._ensure_writer().end_step(StepRecord(
+                self._rank(), self.current_step, metadata.get("token_ids", self._token_ids), self._step_entries,
+                requests=metadata.get("requests"), positions=metadata.get("positions"),
+                note=metadata.get("requests_note")))
             self.steps_done += 1
         self.current_step += 1
         self._reset_step_state()
 
-    # -- recording --------------------------------------------------------------------------------------
-    def _record_all(self, module: nn.Module, name: str, call: int, part: str, value: Any) -> None:
-        for path, tensor in flatten(value):
-            self._record(name, type(module).__name__, call, part, path, tensor)
+    # -- steps marked by an engine (llmdiff.engines) -------------------------------------------------
+    def engine_step_begin(self) -> None:
+        """An engine step starts: module calls from here on belong to step ``current_step``."""
+        self._reset_step_state()
+        self._engine_step_open = True
 
-    def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor) -> None:
+    def engine_step_end(self, metadata: Mapping[str, Any] | None) -> None:
+        """The engine step is over; ``metadata`` (token ids, positions, requests) goes into its step line."""
+        try:
+            self._end_step(metadata)
+        finally:
+            self._engine_step_open = False
+
+    def engine_step_discard(self) -> None:
+        """The engine's step ran no forward pass: it is not a step."""
+        self._engine_step_open = False
+        self._reset_step_state()
+
+    def engine_steps_unavailable(self) -> None:
+        """The engine cannot mark steps for this model: fall back to one step per outermost call."""
+        if self._engine is not None:
+            self._engine.detach()
+        self._engine = None
+
+    # -- recording --------------------------------------------------------------------------------------
+    def _record_all(self, module: nn.Module, name: str, call: int, part: str, value: Any,
+                    caller: str | None = None) -> None:
+        for path, tensor in flatten(value):
+            self._record(name, type(module).__name__, call, part, path, tensor, caller)
+
+    def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor,
+                caller: str | None = None) -> None:
         cfg = self.config
         device = str(tensor.device)
         if not cfg.selects_device(device):
@@ -465,7 +543,7 @@ class Capture:
         self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
         entry = Entry(seq=self._seq, rank=self._rank(), step=self.current_step, module=module, type=type_name,
                       call=call, part=part, path=path, shape=list(tensor.shape), dtype=_dtype_name(tensor.dtype),
-                      device=device, stats=None)
+                      device=device, stats=None, caller=caller)
         self._seq += 1
         self._step_entries += 1
         self.entries += 1
@@ -473,11 +551,14 @@ class Capture:
             entry.note = f"not recorded: {tensor.layout} tensor on {device}"
             self._pending.append((entry, None, None, False))
             return
-        seen = self._seen.get(id(tensor))
-        if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
-            self._pending.append((entry, None, seen[2].seq, False))  # same tensor, unchanged: store it once
-            return
-        self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version, entry)
+        # The same tensor, unchanged, is stored once. Inference-mode tensors (vLLM) have no version counter,
+        # so nothing tells whether they changed in place (vLLM's fused add+norm does): each is copied.
+        if not tensor.is_inference():
+            seen = self._seen.get(id(tensor))
+            if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
+                self._pending.append((entry, None, seen[2].seq, False))
+                return
+            self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version, entry)
         too_big = cfg.max_tensor_size is not None and tensor.numel() > cfg.max_tensor_size
         if too_big and cfg.mode == "tensor":
             entry.note = f"stats only: {tensor.numel()} elements > max_tensor_size {cfg.max_tensor_size}"
@@ -542,6 +623,7 @@ class Capture:
             "host": platform.node(), "argv": list(sys.argv), "models": self._models, "versions": versions(),
             "config": self.config.to_json(), "start": self._start_time, "end": end,
             "steps": self.steps_done, "entries": self.entries,
+            "warmup_calls": self.warmup_calls, "internal_errors": self.internal_errors,
         })
 
     def _after_fork(self) -> None:
@@ -552,6 +634,21 @@ class Capture:
         self._seq = self.entries = self.steps_done = 0
         self._depth = 0
         self._open_calls.clear()
+
+
+def _callers_of_shared(root: nn.Module, config: CaptureConfig) -> set[str]:
+    """The parent paths of every alias of a selected module that sits at several paths (vLLM's rotary_emb)."""
+    if config.level != "module" or not (config.modules or config.types):
+        return set()  # every module is hooked anyway
+    aliases: dict[int, list[str]] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(path)
+    callers: set[str] = set()
+    for path, module in root.named_modules():
+        paths = aliases.get(id(module), [])
+        if len(paths) > 1 and config.selects_module(path, type(module).__name__):
+            callers.update(alias.rpartition(".")[0] for alias in paths)
+    return callers
 
 
 def _claim_process_folder(run_dir: Path) -> tuple[Path, int]:

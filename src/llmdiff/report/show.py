@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console
 from rich.table import Table
 
-from llmdiff.store.summary import DumpSummary
+from llmdiff.store.summary import DumpSummary, ModuleRow
 
 
 def human_bytes(n: float) -> str:
@@ -40,6 +42,8 @@ def print_summary(summary: DumpSummary, console: Console) -> None:
     table.add_row("entries", f"{summary.entries} ({summary.tensor_entries} with full tensors)")
     table.add_row("tensor data", human_bytes(summary.data_bytes))
     table.add_row("dtypes", ", ".join(f"{k} × {v}" for k, v in summary.dtypes.items()) or "none")
+    if summary.requests:
+        table.add_row("requests", f"{len(summary.requests)} (batched; rows per step attributed to requests)")
     first = summary.first_nonfinite
     if first is None:
         table.add_row("NaN/Inf", "[green]none[/]")
@@ -50,3 +54,36 @@ def print_summary(summary: DumpSummary, console: Console) -> None:
     console.print(table)
     for problem in summary.problems:
         console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+
+
+def callers_text(callers: list[str | None]) -> str:
+    """``model.layers.0.self_attn``, ``model.layers.1.self_attn``... → ``calls 0-29: model.layers.{0-29}.self_attn``."""
+    known = [(i, c) for i, c in enumerate(callers) if c]
+    if not known:
+        return ""
+    groups: list[tuple[str, list[int], list[int]]] = []  # (pattern, numbers, call indices)
+    for call, name in known:
+        match = re.fullmatch(r"(.*?\.)(\d+)(\..*|)", name)
+        pattern, number = (f"{match[1]}{{}}{match[3]}", int(match[2])) if match else (name, -1)
+        if groups and groups[-1][0] == pattern and number >= 0:
+            groups[-1][1].append(number)
+            groups[-1][2].append(call)
+        else:
+            groups.append((pattern, [number], [call]))
+    parts = []
+    for pattern, numbers, calls in groups:
+        where = pattern.format("{" + _steps_text(sorted(set(numbers))) + "}") if numbers[0] >= 0 else pattern
+        parts.append(f"call {_steps_text(calls)}: {where}")
+    return "; ".join(parts)
+
+
+def print_modules(rows: list[ModuleRow], console: Console) -> None:
+    """The table of ``llmdiff show --list``: what each captured module recorded."""
+    table = Table(title=f"{len(rows)} modules", title_justify="left")
+    for column in ("module", "type", "steps", "calls/step", "entries", "parts: shape dtype", "called by"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        parts = "\n".join(f"{where} {list(shape)} {dtype}" for where, (shape, dtype) in row.parts.items())
+        table.add_row(row.module or "<root>", row.type, str(row.steps), str(row.calls_per_step), str(row.entries),
+                      parts, callers_text(row.callers))
+    console.print(table)

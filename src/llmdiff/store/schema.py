@@ -52,6 +52,9 @@ class Entry:
     stats: dict[str, Any] | None
     data: dict[str, str] | None = None
     note: str | None = None
+    #: the module on the call stack that called a shared module (vLLM's one ``rotary_emb`` for every layer),
+    #: when it is not the module's own parent
+    caller: str | None = None
     process: str = ""  # the process folder; set by readers, not stored
 
     @property
@@ -72,10 +75,13 @@ class Entry:
         return n
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "entry", "seq": self.seq, "rank": self.rank, "step": self.step, "module": self.module,
-                "type": self.type, "call": self.call, "part": self.part, "path": self.path, "shape": self.shape,
-                "dtype": self.dtype, "device": self.device, "stats": self.stats, "data": self.data,
-                "note": self.note}
+        record = {"kind": "entry", "seq": self.seq, "rank": self.rank, "step": self.step, "module": self.module,
+                  "type": self.type, "call": self.call, "part": self.part, "path": self.path, "shape": self.shape,
+                  "dtype": self.dtype, "device": self.device, "stats": self.stats, "data": self.data,
+                  "note": self.note}
+        if self.caller is not None:
+            record["caller"] = self.caller
+        return record
 
     @classmethod
     def from_json(cls, record: dict[str, Any], process: str = "") -> Entry:
@@ -94,22 +100,33 @@ class Entry:
             stats=record.get("stats"),
             data=record.get("data"),
             note=record.get("note"),
+            caller=record.get("caller"),
             process=process,
         )
 
 
 @dataclass
 class StepRecord:
-    """Marks a finished step of one process, with the token ids the root module was fed."""
+    """Marks a finished step of one process, with the token ids the root module was fed.
+
+    Engines that batch requests into one flattened token dimension (vLLM) add, per step, the
+    ``requests`` whose rows it holds (``id``, ``arrival``, ``start``, ``rows``, ``computed``,
+    ``prompt_tokens``, ``logits_row``) and every row's ``positions``; ``note`` says why they are missing.
+    """
 
     rank: int
     step: int
     token_ids: list[Any] | None
     entries: int
+    requests: list[dict[str, Any]] | None = None
+    positions: list[int] | None = None
+    note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "step", **asdict(self)}
+        return {"kind": "step", **{k: v for k, v in asdict(self).items()
+                                   if v is not None or k in ("token_ids",)}}
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> StepRecord:
-        return cls(int(record["rank"]), int(record["step"]), record.get("token_ids"), int(record["entries"]))
+        return cls(int(record["rank"]), int(record["step"]), record.get("token_ids"), int(record["entries"]),
+                   requests=record.get("requests"), positions=record.get("positions"), note=record.get("note"))

