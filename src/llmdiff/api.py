@@ -16,7 +16,7 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float
             thresholds: dict[str, float] | None = None, mapping: Mapping | str | Path | None = None,
             metrics: Sequence[str] = (), algorithms: Sequence[str] = (), allow_missing: bool = False,
             preset: str | None = None, level: str = "layer", workers: int | None = None,
-            progress: Progress | None = None) -> Report:
+            progress: Progress | None = None, engines: tuple[str | None, str | None] = (None, None)) -> Report:
     """Compare two dumps and localize where the target departs from the golden.
 
     ``rtol``/``atol`` switch the pass test to an element-wise allclose; ``thresholds`` (e.g.
@@ -28,13 +28,15 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float
     tools never do: they capture different things); ``preset="msit"`` judges logits by msIT's rule
     (cosine > 0.999, KL < 0.005 bf16 / 0.0001 fp16); ``level="token"`` compares only the logits of
     each token (msIT's ``-cl token``). Either side may be an llmdiff, msProbe, msIT, vLLM or SGLang dump.
+    Captures of two different engines (transformers and vLLM, detected from the dumps, or given as
+    ``engines=("hf", "vllm")``) are paired by canonical point and (request, position).
 
     Returns a :class:`~llmdiff.report.model.Report` with ``verdict``, ``first_divergence``,
     ``culprits``, ``tokens``, ``entries`` and ``to_markdown/to_csv/to_json/to_html(path)``.
     """
     options = options_from(rtol=rtol, atol=atol, steps=steps, modules=modules, thresholds=thresholds,
                            mapping=mapping, metrics=metrics, algorithms=algorithms, allow_missing=allow_missing,
-                           preset=preset, level=level, workers=workers, progress=progress)
+                           preset=preset, level=level, workers=workers, progress=progress, engines=engines)
     golden_dump = golden if isinstance(golden, Dump) else open_dump(golden)
     target_dump = target if isinstance(target, Dump) else open_dump(target)
     return Report(compare_dumps(golden_dump, target_dump, options))

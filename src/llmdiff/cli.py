@@ -208,12 +208,16 @@ def split_patterns(values: tuple[str, ...]) -> list[str]:
               help="FILE.py:FUNCTION user metric (repeatable).")
 @click.option("--map", "mapping", type=click.Path(path_type=Path), help="YAML/JSON module renaming rules.")
 @click.option("--allow-missing", is_flag=True, help="Entries on one side only do not make the verdict incomplete.")
+@click.option("--golden-engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
+              help="The engine that wrote GOLDEN (detected from the dump); different engines pair canonical points.")
+@click.option("--target-engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
+              help="The engine that wrote TARGET.")
 @click.option("-v", "--verbose", is_flag=True, help="List every entry that does not pass.")
 def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, target_opt: Path | None,
             outputs: tuple[str, ...], json_file: Path | None, rtol: float | None, atol: float | None,
             steps: str | None, modules: tuple[str, ...], metrics: tuple[str, ...], thresholds: tuple[str, ...],
             preset: str | None, level: str, algorithms: tuple[str, ...], mapping: Path | None, allow_missing: bool,
-            verbose: bool) -> None:
+            golden_engine: str, target_engine: str, verbose: bool) -> None:
     """Compare GOLDEN and TARGET dumps. Exit 0: match, 1: diverged or incomplete, 2: bad input.
 
     Either side may be an llmdiff, msProbe, msIT, vLLM or SGLang dump.
@@ -232,7 +236,7 @@ def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, t
         report = run_compare(golden, target, rtol=rtol, atol=atol, steps=steps, modules=split_patterns(modules),
                              thresholds=parse_thresholds(thresholds), mapping=mapping, metrics=metrics,
                              algorithms=algorithms, allow_missing=allow_missing, preset=preset, level=level,
-                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+                             engines=(golden_engine, target_engine), progress=lambda done, total: bar.update(task, completed=done, total=total))
     from llmdiff.report.terminal import print_comparison
 
     print_comparison(report.comparison, console, verbose=verbose)

@@ -22,6 +22,7 @@ import torch
 
 from llmdiff.capture.stats import tensor_stats
 from llmdiff.compare.align import EntryPair, Mapping, align, squeezed_shape
+from llmdiff.compare.crossengine import cross_engine_views, merge_request_culprits, request_summaries
 from llmdiff.compare.localize import analyze_tokens, find_culprits, first_divergence
 from llmdiff.compare.metrics import BATCH_MAX, TENSOR_METRICS, PairStats, logits_metrics, pair_stats, pair_stats_batch
 from llmdiff.compare.results import (
@@ -70,6 +71,8 @@ class Options:
     level: str = "layer"
     workers: int | None = None
     progress: Progress | None = None
+    #: override the detected engine of each side (``hf``, ``vllm``); different engines pair canonical points
+    engines: tuple[str | None, str | None] = (None, None)
 
 
 LEVELS = ("layer", "token")
@@ -143,7 +146,8 @@ class _Comparer:
                              type=any_entry.type, status=PASS,
                              golden_dtype=g.dtype if g else None, target_dtype=t.dtype if t else None,
                              golden_shape=g.shape if g else None, target_shape=t.shape if t else None,
-                             seq=(g.seq if g else -1, t.seq if t else -1))
+                             seq=(g.seq if g else -1, t.seq if t else -1),
+                             golden_source=g.source if g else None, target_source=t.source if t else None)
         if g is None or t is None:
             result.status = MISSING_IN_GOLDEN if g is None else MISSING_IN_TARGET
             result.reason = "only in the " + ("target" if g is None else "golden")
@@ -299,6 +303,10 @@ def _default_workers(entries: Sequence[Entry]) -> int:
 def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) -> Comparison:
     """Compare two opened dumps. See :func:`llmdiff.compare` for the options."""
     options = options or Options()
+    bases = (golden, target)
+    cross = cross_engine_views(golden, target, options.engines)
+    if cross is not None:
+        golden, target = cross.golden, cross.target
     pairs = align(golden.entries, target.entries, options.mapping, options.steps, options.modules)
     if options.level == "token":  # msIT's -cl token: the logits of each token only
         pairs = [p for p in pairs if is_logits(p.any)]
@@ -315,8 +323,8 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
             entries.append(result)
             if options.progress:
                 options.progress(len(entries), len(pairs))
-    golden.close()
-    target.close()
+    for dump in {id(d): d for d in (golden, target, *bases)}.values():
+        dump.close()
 
     token_thresholds = dict(options.tolerance.thresholds)
     if options.tolerance.logits_min_cosine is not None:
@@ -328,7 +336,7 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     missing = [e for e in entries if e.status in MISSING]
     # Two tools capture different things (msIT saves no keyword inputs, msProbe adds parameters...):
     # across formats, entries on one side only are listed but are not a gap in the evidence.
-    cross_tool = golden.format != target.format
+    cross_tool = golden.format != target.format or cross is not None
     allow_missing = options.allow_missing or cross_tool
     flip = tokens.first_flip
     departure = flip is not None and flip.get("near_tie") is not True
@@ -342,6 +350,9 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     if missing and paired == 0:
         notes.append("no entry of one dump pairs with an entry of the other: if the module names differ, map them "
                      "with --map")
+    elif missing and cross is not None:
+        notes.append(f"{len(missing)} canonical points are present on one side only (one engine fuses or skips "
+                     "them, or they were not captured): listed, they do not decide the verdict")
     elif missing and cross_tool:
         notes.append(f"{len(missing)} entries are present on one side only: the golden ({golden.format}) and the "
                      f"target ({target.format}) capture different things, so they do not decide the verdict")
@@ -361,6 +372,11 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     if not had_inputs and any(e.status in FAILING for e in entries):
         notes.append("module inputs were not captured, so culprits cannot be told from victims: capture with "
                      "parts='both'")
+    requests: list[dict[str, Any]] = []
+    if cross is not None:
+        notes[:0] = cross.notes
+        culprits = merge_request_culprits(culprits, cross.own_names)
+        requests = request_summaries(cross.requests, entries, tokens, culprits)
     metric_names = list(options.metrics) or list(DEFAULT_COLUMNS)
     metric_names += [name for name in options.algorithms if name not in metric_names]
     tol = options.tolerance
@@ -368,19 +384,21 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
                 "steps": None if options.steps is None else str(options.steps),
                 "modules": [str(m) for m in options.modules], "allow_missing": allow_missing,
                 "preset": tol.preset, "level": options.level, "formats": [golden.format, target.format],
+                "engines": list(cross.engines) if cross is not None else None,
                 "rel_l2_budgets": REL_L2_BUDGET, "kl_budgets": KL_BUDGET}
     return Comparison(verdict=verdict, golden=str(golden.path), target=str(target.path), first_divergence=first,
                       culprits=culprits if verdict != INCOMPLETE or culprits else [], tokens=tokens,
                       entries=entries, settings=settings, notes=notes,
                       problems=[f"golden: {p}" for p in golden.problems] + [f"target: {p}" for p in target.problems],
-                      metric_names=metric_names)
+                      metric_names=metric_names, requests=requests)
 
 
 def options_from(rtol: float | None = None, atol: float | None = None, steps: str | None = None,
                  modules: Sequence[str] | str | None = None, thresholds: dict[str, float] | None = None,
                  mapping: Mapping | str | Path | None = None, metrics: Sequence[str] = (),
                  algorithms: Sequence[str] = (), allow_missing: bool = False, workers: int | None = None,
-                 progress: Progress | None = None, preset: str | None = None, level: str = "layer") -> Options:
+                 progress: Progress | None = None, preset: str | None = None, level: str = "layer",
+                 engines: tuple[str | None, str | None] = (None, None)) -> Options:
     """Validate user-facing options into :class:`Options`."""
     from llmdiff.compare.align import load_mapping
     from llmdiff.config import parse_modules, parse_steps
@@ -408,4 +426,14 @@ def options_from(rtol: float | None = None, atol: float | None = None, steps: st
         level=level,
         workers=workers,
         progress=progress,
+        engines=_engines(engines),
     )
+
+
+def _engines(engines: tuple[str | None, str | None]) -> tuple[str | None, str | None]:
+    from llmdiff.compare.crossengine import ENGINES
+
+    for side, name in zip(("--golden-engine", "--target-engine"), engines, strict=True):
+        if name not in (None, "auto", *ENGINES):
+            raise UsageError(f"{side}: {name!r} is not one of auto, {', '.join(ENGINES)}")
+    return (None if engines[0] == "auto" else engines[0], None if engines[1] == "auto" else engines[1])

@@ -12,9 +12,10 @@ For every module call with compared inputs and outputs:
 * ``introduced``   = ``sqrt(max(output_error² - input_error², 0))``: the part of the output error the
   carried input error does not account for, new error being independent of the carried one (true
   of rounding);
-* ``ratio``        = ``introduced / max(input_error, u)``, with ``u`` the unit roundoff of the
-  lower-precision dtype: what the call adds, in units of what it was given (or of one rounding);
-* ``expected``     = ``max(input_error, u) * max(1, median ratio of its peers)``, the peers being
+* ``ratio``        = ``introduced / max(input_error, u, f)``, with ``u`` the unit roundoff of the
+  lower-precision dtype and ``f`` the float32 accumulation floor (``ACCUMULATION_FLOOR``): what the
+  call adds, in units of what it was given (or of one rounding);
+* ``expected``     = ``max(input_error, u, f) * max(1, median ratio of its peers)``, the peers being
   the same module in the other layers of the same step (``layers.#.mlp``). Ratios, not raw errors,
   are compared, so modules downstream of a fault, which amplify the large error they receive, do
   not raise the bar for the faulty one.
@@ -53,6 +54,10 @@ from typing import Any
 from llmdiff.compare.results import FAIL, FAILING, PASS, Culprit, EntryResult, Tokens, TokenStep
 from llmdiff.compare.tolerance import KL_BUDGET, lower_precision, unit_roundoff
 
+#: The least error a call is expected to add, whatever the dtype: two kernels (two engines, two BLAS
+#: builds) summing a float32 dot product in different orders differ by dozens of ulps. Measured on
+#: SmolLM2, vLLM vs transformers in float32: exactly equal inputs give q/k/v projections 6-7 ulps apart.
+ACCUMULATION_FLOOR = 64 * 2.0**-24
 JUMP = 6.0
 BOUNDARY = 2.0
 SPIKE = 20.0
@@ -147,7 +152,7 @@ def _step_scores(calls: Sequence[ModuleCall]) -> dict[int, float]:
     """Per call (by id): introduced / expected, or 0 where direct children explain the error."""
     ratios: dict[tuple[int, int, str], list[float]] = {}
     for c in calls:
-        c.expected = max(c.input_error, unit_roundoff(*c.dtypes))
+        c.expected = max(c.input_error, unit_roundoff(*c.dtypes), ACCUMULATION_FLOOR)
         ratios.setdefault((c.rank, c.step, role(c.module)), []).append(c.introduced / c.expected)
     children = _direct_children(calls)
     scores = {}

@@ -256,6 +256,20 @@ def top1_margin_per_position(logits: torch.Tensor) -> torch.Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
+def logprob_diff_per_position(golden: torch.Tensor, target: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``|log p_golden(t) - log p_target(t)|`` at each position for the token ``t`` given there (the
+    target's greedy choice: what an engine sampled at temperature 0, the quantity an RL trainer
+    recomputes); NaN where a side is not finite."""
+    g_all, t_all, index = positions(golden), positions(target), tokens.reshape(-1, 1).to(torch.long)
+    out = []
+    for start in range(0, g_all.shape[0], 64):  # a block of positions at a time, as kl_per_position
+        rows = slice(start, start + 64)
+        g = torch.log_softmax(g_all[rows].double(), dim=-1).gather(1, index[rows])
+        t = torch.log_softmax(t_all[rows].double(), dim=-1).gather(1, index[rows])
+        out.append((g - t).abs().reshape(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
 def logits_metrics(golden: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Per-position KL, top-1 agreement and the golden's top-1 margin, summarized over positions.
 
@@ -267,9 +281,12 @@ def logits_metrics(golden: torch.Tensor, target: torch.Tensor) -> dict[str, floa
     g_top, t_top = top1_per_position(golden), top1_per_position(target)
     margin = top1_margin_per_position(golden)
     g_last, t_last = positions(golden)[-1].double(), positions(target)[-1].double()
+    logprob_diff = logprob_diff_per_position(golden, target, t_top)
     return {
         "kl": float(kl.mean()),
         "kl_max": float(kl.max()),
+        "logprob_diff_max": float(logprob_diff.max()),
+        "logprob_diff_mean": float(logprob_diff.mean()),
         "top1_agree": float((g_top == t_top).double().mean()),
         "golden_margin": float(margin[-1]),
         "last_logit_err": float((t_last - g_last).abs().max()),

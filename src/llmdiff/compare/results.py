@@ -63,6 +63,9 @@ class EntryResult:
     error: float | None = None
     budget: float | None = None
     seq: tuple[int, int] = (0, 0)  # golden and target execution order, for localization
+    #: in a cross-engine compare: each engine's own entries behind this canonical point
+    golden_source: str | None = None
+    target_source: str | None = None
 
     @property
     def is_input(self) -> bool:
@@ -120,6 +123,10 @@ class Culprit:
     reason: str
     steps: int = 1
     confirmed: bool = True
+    #: in a cross-engine compare: the module as each engine names it, and the requests it showed in
+    golden_module: str | None = None
+    target_module: str | None = None
+    requests: list[int] | None = None
 
 
 @dataclass
@@ -137,6 +144,8 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     metric_names: list[str] = field(default_factory=list)
+    #: in a cross-engine compare: one summary per request (verdict, first divergence, token flip, culprit)
+    requests: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -188,5 +197,6 @@ class Comparison:
             "notes": self.notes,
             "problems": self.problems,
             "metric_names": self.metric_names,
+            "requests": self.requests,
             "entries": [e.to_json() for e in self.entries],
         })

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from llmdiff.engines.canonical import LOGITS, Ref, Source, one
+
 if TYPE_CHECKING:
     from llmdiff.capture.session import Capture
 
@@ -210,3 +212,65 @@ def _int_list(value: Any) -> list[int] | None:
     if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() == 1:
         return [int(v) for v in value.tolist()]
     return None
+
+
+# -- canonical points (what a cross-engine compare pairs) -------------------------------------------------
+NAME = "vllm"
+
+
+def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:
+    """Where vLLM's Llama-family modules hold each canonical point, and how to make it canonical.
+
+    Rows are the flattened tokens of a step (``[T, ...]``; the step's request metadata says whose);
+    the logits are one row per request. Fused modules are split by the model config's sizes:
+    ``qkv_proj`` → q, k, v; ``gate_up_proj`` → gate, up. The residual stream is ``hidden + residual``
+    of a decoder layer's output; the post-attention norm's fused add returns it as ``output.1``.
+    vLLM has no ``act_fn`` output of its own (``SiluAndMul`` returns ``act(gate) * up``, the
+    ``down_proj`` input), so that point stays one-sided.
+    """
+    heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    q, kv, inter = heads * head_dim, kv_heads * head_dim, int(config["intermediate_size"])
+    sources: dict[tuple[str, str], Source] = {
+        ("model.embed_tokens", "input"): one("model.embed_tokens", "input", "0"),
+        ("model.embed_tokens", "output"): one("model.embed_tokens", "output"),
+    }
+
+    def stream(n: int) -> Source:  # the residual stream leaving layer n
+        layer = f"model.layers.{n}"
+        return Source((Ref(layer, "output", "0"), Ref(layer, "output", "1")), "sum")
+
+    for n in range(layers):
+        layer = f"model.layers.{n}"
+        entering = one(layer, "input", "1") if n == 0 else stream(n - 1)
+        attn, mlp = f"{layer}.self_attn", f"{layer}.mlp"
+        qkv = Ref(f"{attn}.qkv_proj", "output", "0")
+        gate_up = Ref(f"{mlp}.gate_up_proj", "output", "0")
+        sources.update({
+            (layer, "input"): entering,
+            (f"{layer}.input_layernorm", "input"): entering,
+            (f"{layer}.input_layernorm", "output"): one(f"{layer}.input_layernorm", "output", "", "0"),
+            (attn, "input"): one(attn, "kwarg", "hidden_states"),
+            (attn, "output"): one(attn, "output", "", "0"),
+            (f"{attn}.o_proj", "input"): one(f"{attn}.o_proj", "input", "0"),
+            (f"{attn}.o_proj", "output"): one(f"{attn}.o_proj", "output", "0"),
+            (f"{layer}.post_attention_layernorm", "input"): one(f"{layer}.post_attention_layernorm", "output", "1"),
+            (f"{layer}.post_attention_layernorm", "output"): one(f"{layer}.post_attention_layernorm", "output", "0"),
+            (mlp, "input"): one(mlp, "input", "0"),
+            (mlp, "output"): one(mlp, "output", "", "0"),
+            (f"{mlp}.act_fn", "input"): Source((gate_up,), "split", (inter, inter), 0),
+            (f"{mlp}.down_proj", "input"): one(f"{mlp}.down_proj", "input", "0"),
+            (f"{mlp}.down_proj", "output"): one(f"{mlp}.down_proj", "output", "0"),
+            (layer, "output"): stream(n),
+        })
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            sources[f"{attn}.{name}", "input"] = one(f"{attn}.qkv_proj", "input", "0")
+            sources[f"{attn}.{name}", "output"] = Source((qkv,), "split", (q, kv, kv), i)
+        for i, name in enumerate(("gate_proj", "up_proj")):
+            sources[f"{mlp}.{name}", "input"] = one(f"{mlp}.gate_up_proj", "input", "0")
+            sources[f"{mlp}.{name}", "output"] = Source((gate_up,), "split", (inter, inter), i)
+    sources["model.norm", "input"] = stream(layers - 1)
+    sources["model.norm", "output"] = one("model.norm", "output", "0", "")
+    sources["lm_head", "input"] = one("logits_processor", "input", "1", layout="logits")
+    sources[LOGITS] = one("logits_processor", "output", layout="logits")
+    return sources

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmdiff.compare.results import PASS, Comparison
-from llmdiff.report.text import headline, module_label, num
+from llmdiff.report.text import culprit_label, headline, num
 
 _STYLE = {"match": "bold green", "diverged": "bold red", "incomplete": "bold yellow"}
 
@@ -23,8 +23,20 @@ def print_comparison(c: Comparison, console: Console, verbose: bool = False, top
         for col in ("#", "module", "step", "score", "in err", "out err", "steps", "reason"):
             table.add_column(col, overflow="fold")
         for i, k in enumerate(c.culprits[:top], 1):
-            table.add_row(str(i), module_label(k.module) + ("" if k.confirmed else " (suspect)"), str(k.step),
+            table.add_row(str(i), culprit_label(k) + ("" if k.confirmed else " (suspect)"), str(k.step),
                           num(k.score), num(k.input_error), num(k.output_error), str(k.steps), k.reason)
+        console.print(table)
+    if c.requests:
+        table = Table(title="requests", title_justify="left")
+        for col in ("#", "id", "prompt", "verdict", "points", "failing", "first flip", "culprit",
+                    "max |dlogp|"):
+            table.add_column(col, overflow="fold")
+        for r in c.requests:
+            flip = r["first_flip"]
+            table.add_row(str(r["request"]), str(r.get("target_id") or r.get("golden_id") or "-"),
+                          f"{r['prompt_tokens']} tokens", r["verdict"].upper(), str(r["points"]), str(r["failing"]),
+                          "none" if flip is None else f"step {flip['step']}", r["culprit"] or "none",
+                          num(r["max_logprob_diff"]))
         console.print(table)
     _print_counts(c, console, "entries")
     if verbose:
@@ -33,7 +45,8 @@ def print_comparison(c: Comparison, console: Console, verbose: bool = False, top
             table.add_column(col, overflow="fold")
         for e in c.entries:
             if e.status != PASS:
-                table.add_row(str(e.step), e.name, e.status, num(e.metrics.get("rel_l2")),
+                name = e.name + (f" (target: {e.target_source})" if e.target_source else "")
+                table.add_row(str(e.step), name, e.status, num(e.metrics.get("rel_l2")),
                               num(e.metrics.get("cosine")), num(e.metrics.get("max_abs")), e.reason)
         console.print(table)
     _print_notes(c, console)

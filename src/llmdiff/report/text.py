@@ -33,9 +33,18 @@ def module_label(module: str) -> str:
     return module or "<root>"
 
 
+def culprit_label(c: Culprit) -> str:
+    """The culprit's module; in a cross-engine compare as the target engine names it, when that differs."""
+    if c.target_module and c.target_module != c.module:
+        return f"{c.target_module} (= {module_label(c.module)})"
+    return module_label(c.module)
+
+
 def culprit_text(c: Culprit) -> str:
     status = "" if c.confirmed else " (suspect)"
-    return (f"{module_label(c.module)} (call {c.call}, step {c.step}){status}: {c.reason}; input error "
+    where = f"call {c.call}, step {c.step}" + (f", requests {', '.join(map(str, c.requests))}"
+                                               if c.requests is not None else "")
+    return (f"{culprit_label(c)} ({where}){status}: {c.reason}; input error "
             f"{num(c.input_error)} -> output error {num(c.output_error)}")
 
 

@@ -56,6 +56,7 @@ class Entry:
     #: when it is not the module's own parent
     caller: str | None = None
     process: str = ""  # the process folder; set by readers, not stored
+    source: str | None = None  # in a cross-engine view: the engine's own entries behind it; not stored
 
     @property
     def key(self) -> tuple[int, int, str, int, str, str]:

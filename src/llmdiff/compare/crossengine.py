@@ -1,0 +1,407 @@
+"""Comparing two different engines: both dumps seen as canonical points, rows paired by (request, position).
+
+When the golden and the target come from different engines (transformers and vLLM), names do not
+pair and layouts differ. This module turns both dumps into *views*: dumps of canonical points
+(:mod:`llmdiff.engines.canonical`) whose tensors are computed on demand from the engines' own
+entries (sums, splits, row gathers), so the compare engine, the metrics and localization run on
+them unchanged.
+
+Rows are paired by (request, position), never by row index. The transformers side defines the units
+of comparison: each of its steps (a prefill, one decode token, or one teacher-forced pass over a
+whole sequence) is one request's run of positions. The engine side's rows for the same request and
+positions are gathered from whichever of its steps computed them (continuous batching, chunked
+prefill). Requests are matched by their prompt tokens (arrival order when no prompt matches).
+
+In a view, an entry's ``rank`` is the request (the golden's order), its ``step`` the golden's step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmdiff.compare.results import DIVERGED, FAILING, MATCH, PASS, Culprit, EntryResult, Tokens
+from llmdiff.engines import hf, vllm
+from llmdiff.engines.canonical import Ref, Source, points
+from llmdiff.errors import DumpError
+from llmdiff.store.reader import Dump, ProcessDump
+from llmdiff.store.schema import Entry, StepRecord
+
+ENGINES = ("hf", "vllm")
+
+
+def engine_of(dump: Dump) -> str:
+    """The engine that wrote ``dump``: what its processes recorded, else transformers."""
+    for proc in dump.processes:
+        for model in proc.info.get("models") or []:
+            engine = model.get("engine") if isinstance(model, dict) else None
+            if isinstance(engine, dict) and engine.get("name") in ENGINES:
+                return str(engine["name"])
+    return "hf"
+
+
+def _config(dump: Dump) -> dict[str, Any]:
+    for proc in dump.processes:
+        for model in proc.info.get("models") or []:
+            engine = model.get("engine") if isinstance(model, dict) else None
+            if isinstance(engine, dict) and isinstance(engine.get("config"), dict):
+                return dict(engine["config"])
+    return {}
+
+
+def _layers(entries: Sequence[Entry]) -> int:
+    found = [int(e.module.split(".")[2]) for e in entries if e.module.startswith("model.layers.")
+             and e.module.split(".")[2].isdigit()]
+    return max(found) + 1 if found else 0
+
+
+@dataclass
+class _Rows:
+    """Where a canonical tensor's rows come from on one side: (own step, row index) per row."""
+
+    rows: list[tuple[int, int]]
+    batch: int | None = None  # transformers: the batch row of the request
+
+
+@dataclass
+class _Side:
+    dump: Dump
+    engine: str
+    sources: dict[tuple[str, str], Source]
+    by_key: dict[tuple[int, str, str, str], Entry] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for e in self.dump.entries:  # one process (tensor-parallel ranks are not un-sharded here)
+            self.by_key.setdefault((e.step, e.module, e.part, e.path), e)
+
+    def refs_at(self, step: int, source: Source) -> list[Entry] | None:
+        """The own entries ``source`` needs at ``step`` (None when the dump lacks them)."""
+        found = [self.by_key.get((step, r.module, r.part, r.path)) for r in source.refs]
+        if source.transform == "sum":
+            return None if any(f is None for f in found) else [f for f in found if f is not None]
+        first = next((f for f in found if f is not None), None)
+        return None if first is None else [first]
+
+    def tensor(self, entries: list[Entry], source: Source) -> torch.Tensor:
+        loaded = [self.dump.load(e) for e in entries]
+        if source.transform == "sum":
+            total = loaded[0].to(torch.float64) if loaded[0].is_floating_point() else loaded[0]
+            for t in loaded[1:]:
+                total = total + t
+            return total.to(loaded[0].dtype)
+        if source.transform == "split":
+            return torch.split(loaded[0], list(source.sizes), dim=-1)[source.index]
+        return loaded[0]
+
+
+def _describe(entries: list[Entry], source: Source) -> str:
+    refs = tuple(Ref(e.module, e.part, e.path) for e in entries)
+    return Source(refs, source.transform, source.sizes, source.index, source.layout).describe()
+
+
+@dataclass
+class _Unit:
+    """One golden step of one request: the positions it covers and the tokens fed at them."""
+
+    step: int
+    request: int
+    batch: int
+    positions: list[int]
+    tokens: list[int]
+
+
+def _hf_units(dump: Dump) -> list[_Unit]:
+    units: list[_Unit] = []
+    open_requests: dict[int, int] = {}  # batch row -> request index
+    ends: dict[int, int] = {}
+    count = 0
+    for step in sorted(dump.steps, key=lambda s: (s.rank, s.step)):
+        ids = step.token_ids
+        if not (isinstance(ids, list) and ids and all(isinstance(r, list) for r in ids)):
+            continue
+        for b, row in enumerate(ids):
+            tokens = [int(t) for t in row]
+            if len(tokens) > 1 or b not in open_requests:  # a prefill (or teacher-forced pass) starts a request
+                open_requests[b], ends[count] = count, 0
+                count += 1
+            request = open_requests[b]
+            start = ends[request]
+            units.append(_Unit(step.step, request, b, list(range(start, start + len(tokens))), tokens))
+            ends[request] = start + len(tokens)
+    return units
+
+
+@dataclass
+class _EngineIndex:
+    """For a flat-token engine (vLLM): where each (request, position) row is, and each logits row."""
+
+    rows: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    logits: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    tokens: dict[str, dict[int, int]] = field(default_factory=dict)
+    arrival: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def _engine_index(dump: Dump) -> _EngineIndex:
+    index = _EngineIndex()
+    for step in sorted(dump.steps, key=lambda s: s.step):
+        if not step.requests or step.positions is None:
+            index.problems.append(f"step {step.step} has no request metadata: its rows cannot be attributed")
+            continue
+        ids = step.token_ids if isinstance(step.token_ids, list) else []
+        for request in step.requests:
+            rid, start, rows = str(request["id"]), int(request["start"]), int(request["rows"])
+            index.arrival.setdefault(rid, int(request.get("arrival") or len(index.arrival)))
+            for row in range(start, start + rows):
+                position = int(step.positions[row])
+                index.rows[rid, position] = (step.step, row)
+                if row < len(ids):
+                    index.tokens.setdefault(rid, {})[position] = int(ids[row])
+            computed, prompt = request.get("computed"), request.get("prompt_tokens")
+            last = int(computed) + rows - 1 if computed is not None else int(step.positions[start + rows - 1])
+            if request.get("logits_row") is not None and (prompt is None or last + 1 >= int(prompt)):
+                index.logits[rid, last] = (step.step, int(request["logits_row"]))
+    return index
+
+
+def _match_requests(units: Sequence[_Unit], index: _EngineIndex) -> dict[int, str]:
+    """Golden request → engine request id: the same prompt tokens, earliest arrival first."""
+    prompts: dict[int, list[int]] = {}
+    for u in units:
+        if u.positions[0] == 0:
+            prompts.setdefault(u.request, u.tokens)
+    by_arrival = sorted(index.arrival, key=lambda r: index.arrival[r])
+    taken: set[str] = set()
+    matched: dict[int, str] = {}
+    for request, prompt in sorted(prompts.items()):
+        for rid in by_arrival:
+            seen = index.tokens.get(rid, {})
+            if rid not in taken and all(seen.get(p) == t for p, t in enumerate(prompt[:len(seen)])) and seen:
+                matched[request] = rid
+                taken.add(rid)
+                break
+    for request in sorted(prompts):  # no prompt matched: pair by arrival order, the fed tokens will tell
+        if request not in matched:
+            free = [r for r in by_arrival if r not in taken]
+            if free:
+                matched[request] = free[0]
+                taken.add(free[0])
+    return matched
+
+
+@dataclass
+class CrossEngine:
+    """The two views and what a report needs to know about the pairing."""
+
+    golden: Dump
+    target: Dump
+    engines: tuple[str, str]
+    requests: list[dict[str, Any]]
+    own_names: dict[str, tuple[str | None, str | None]]  # canonical module -> (golden's, target's) own module
+    notes: list[str]
+
+
+class _View:
+    """Builds one side's view dump: entries with recipes, loaded through ``Dump.loader``."""
+
+    def __init__(self, side: _Side) -> None:
+        self.side = side
+        self.entries: list[Entry] = []
+        self.recipes: list[tuple[list[tuple[list[Entry], list[int]]], Source, int | None]] = []
+        self.steps: dict[tuple[int, int], StepRecord] = {}
+
+    def add(self, request: int, step: int, module: str, part: str, source: Source,
+            parts: list[tuple[list[Entry], list[int]]], batch: int | None, shape: list[int], dtype: str) -> Entry:
+        key = str(len(self.recipes))
+        entry = Entry(seq=len(self.entries), rank=request, step=step, module=module, type="canonical", call=0,
+                      part=part, path="", shape=shape, dtype=dtype, device="cpu", stats=None,
+                      data={"file": "", "key": key}, source=_describe(parts[0][0], source))
+        self.recipes.append((parts, source, batch))
+        self.entries.append(entry)
+        record = self.steps.get((request, step))
+        if record is not None:
+            record.entries += 1
+        return entry
+
+    def load(self, entry: Entry) -> torch.Tensor:
+        assert entry.data is not None
+        parts, source, batch = self.recipes[int(entry.data["key"])]
+        chunks = []
+        for own, rows in parts:
+            tensor = self.side.tensor(own, source)
+            if batch is not None:  # [batch, seq, ...]: this request's row of the batch
+                tensor = tensor[batch] if tensor.dim() >= 2 else tensor
+            chunks.append(tensor[rows])
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+    def dump(self, base: Dump) -> Dump:
+        proc = ProcessDump(base.path, {"format": base.format, "view": "canonical"}, self.entries,
+                           sorted(self.steps.values(), key=lambda s: (s.rank, s.step)))
+        return Dump(base.path, base.run, [proc], list(base.problems), base.format, loader=self.load)
+
+
+def _own_shape(entries: list[Entry], source: Source) -> list[int]:
+    shape = list(entries[0].shape)
+    if source.transform == "split" and shape:
+        shape[-1] = source.sizes[source.index]
+    return shape
+
+
+def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, str | None] = (None, None)
+                       ) -> CrossEngine | None:
+    """Views of two dumps from different engines, paired by canonical point and (request, position);
+    None when both come from the same engine (they pair by module name). ``engines`` overrides detection."""
+    names = (engines[0] or engine_of(golden), engines[1] or engine_of(target))
+    if names[0] == names[1]:
+        return None
+    if "hf" not in names:
+        raise DumpError(f"comparing {names[0]} with {names[1]}: one side must be a transformers capture (its steps "
+                        "define the units rows are paired by)")
+    flip = names[0] != "hf"
+    hf_dump, engine_dump = (target, golden) if flip else (golden, target)
+    layers = max(_layers(hf_dump.entries), _layers(engine_dump.entries))
+    config = _config(engine_dump)
+    if not config:
+        raise DumpError(f"{engine_dump.path}: no model config recorded by the engine, so its fused projections "
+                        "cannot be split")
+    hf_side = _Side(hf_dump, "hf", hf.canonical_sources(layers))
+    engine_side = _Side(engine_dump, names[1 if not flip else 0], vllm.canonical_sources(layers, config))
+    units = _hf_units(hf_dump)
+    index = _engine_index(engine_dump)
+    matched = _match_requests(units, index)
+    hf_view, engine_view = _View(hf_side), _View(engine_side)
+    own: dict[str, tuple[str | None, str | None]] = {}
+    for unit in units:
+        rid = matched.get(unit.request)
+        fed = [index.tokens.get(rid, {}).get(p) for p in unit.positions] if rid is not None else []
+        for view, tokens in ((hf_view, unit.tokens), (engine_view, fed)):
+            view.steps[unit.request, unit.step] = StepRecord(unit.request, unit.step, tokens, 0)
+        for module, part in points(layers):
+            _pair_point(unit, rid, module, part, hf_side, engine_side, hf_view, engine_view, index, own)
+    used = {(e.module, e.part, e.path) for view in (hf_view, engine_view)
+            for parts, _, _ in view.recipes for own_entries, _ in parts for e in own_entries}
+    notes = [f"cross-engine compare ({names[0]} golden, {names[1]} target): canonical points paired by "
+             "(request, position); a view's rank is the request"]
+    for side in (hf_side, engine_side):
+        unused = [e for e in side.dump.entries if (e.module, e.part, e.path) not in used]
+        if unused:
+            touched = {e.module for e in side.dump.entries if (e.module, e.part, e.path) in used}
+            idle = sorted({_role(e.module) or "<root>" for e in unused if e.module not in touched})
+            notes.append(f"{side.engine}: {len(unused)} captured entries hold no canonical point and are not compared"
+                         + (f"; modules with none: {', '.join(idle[:6])}{', ...' if len(idle) > 6 else ''}"
+                            if idle else ""))
+    notes += [f"{names[1 if not flip else 0]}: {p}" for p in index.problems[:3]]
+    requests = []
+    for request in sorted({u.request for u in units}):
+        mine = [u for u in units if u.request == request]
+        requests.append({"request": request, "target_id" if not flip else "golden_id": matched.get(request),
+                         "prompt_tokens": len(mine[0].tokens), "steps": [u.step for u in mine]})
+    if any(u.request not in matched for u in units):
+        notes.append("some golden requests have no request in the other dump: their points are one-sided")
+    views = (hf_view.dump(hf_dump), engine_view.dump(engine_dump))
+    owned = {m: ((g, t) if not flip else (t, g)) for m, (g, t) in own.items()}
+    return CrossEngine(views[1] if flip else views[0], views[0] if flip else views[1],
+                       (names[0], names[1]), requests, owned, notes)
+
+
+def _role(module: str) -> str:
+    from llmdiff.compare.localize import role
+
+    return role(module)
+
+
+def _pair_point(unit: _Unit, rid: str | None, module: str, part: str, hf_side: _Side, engine_side: _Side,
+                hf_view: _View, engine_view: _View, index: _EngineIndex,
+                own: dict[str, tuple[str | None, str | None]]) -> None:
+    hf_source, engine_source = hf_side.sources.get((module, part)), engine_side.sources.get((module, part))
+    hf_entries = hf_side.refs_at(unit.step, hf_source) if hf_source else None
+    hf_rows: list[int] = []
+    positions = unit.positions
+    if hf_entries is not None and hf_source is not None:
+        seq = hf_entries[0].shape[1] if len(hf_entries[0].shape) >= 2 else len(positions)
+        if seq == len(positions):
+            hf_rows = list(range(len(positions)))
+        elif seq == 1:  # generate's logits: the last position only
+            hf_rows, positions = [0], positions[-1:]
+        else:
+            hf_entries = None
+    # the engine's rows for these positions, step by step
+    engine_parts: list[tuple[list[Entry], list[int]]] = []
+    kept: list[int] = []
+    if rid is not None and engine_source is not None:
+        where = index.logits if engine_source.layout == "logits" else index.rows
+        by_step: dict[int, list[int]] = {}
+        for i, p in enumerate(positions):
+            found = where.get((rid, p))
+            if found is not None:
+                by_step.setdefault(found[0], []).append(found[1])
+                kept.append(i)
+        for step, rows in by_step.items():
+            own_entries = engine_side.refs_at(step, engine_source)
+            if own_entries is None:
+                engine_parts, kept = [], []
+                break
+            engine_parts.append((own_entries, rows))
+    if hf_entries is not None and hf_source is not None:
+        if engine_parts and len(kept) < len(positions):  # only where both have rows (sparse logits)
+            hf_rows = [hf_rows[i] for i in kept]
+        hf_shape = [len(hf_rows), *hf_entries[0].shape[2:]]
+        hf_view.add(unit.request, unit.step, module, part, hf_source, [(hf_entries, hf_rows)], unit.batch,
+                    hf_shape, hf_entries[0].dtype)
+        own.setdefault(module, (hf_entries[0].module, None))
+    if engine_parts and engine_source is not None:
+        first = engine_parts[0][0]
+        shape = [sum(len(r) for _, r in engine_parts), *_own_shape(first, engine_source)[1:]]
+        engine_view.add(unit.request, unit.step, module, part, engine_source, engine_parts, None, shape,
+                        first[0].dtype)
+        golden_own = own.get(module, (None, None))[0]
+        if own.get(module, (None, None))[1] is None:
+            own[module] = (golden_own, first[0].module)
+
+
+def merge_request_culprits(culprits: Sequence[Culprit], own_names: dict[str, tuple[str | None, str | None]]
+                           ) -> list[Culprit]:
+    """One culprit per module across requests (the first in causal order), named as each engine names it."""
+    merged: dict[tuple[str, int, bool], Culprit] = {}
+    for c in culprits:
+        key = (c.module, c.call, c.confirmed)
+        first = merged.get(key)
+        if first is None:
+            c.golden_module, c.target_module = own_names.get(c.module, (None, None))
+            c.requests = [c.rank]
+            merged[key] = c
+        elif first.requests is not None and c.rank not in first.requests:
+            first.requests.append(c.rank)
+    return list(merged.values())
+
+
+def request_summaries(requests: Sequence[dict[str, Any]], entries: Sequence[EntryResult], tokens: Tokens,
+                      culprits: Sequence[Culprit]) -> list[dict[str, Any]]:
+    """Per request: compared points, verdict, first failing point, first token flip, culprit, and the largest
+    difference in the log-probability of the tokens the golden went on with."""
+    out = []
+    for info in requests:
+        request = int(info["request"])
+        mine = [e for e in entries if e.rank == request]
+        failing = [e for e in mine if e.status in FAILING]
+        first = min(failing, key=lambda e: (e.step, e.index)) if failing else None
+        steps = [s for s in tokens.steps if s.rank == request]
+        flip = next((s for s in steps if s.flip), None)
+        culprit = next((c for c in culprits if c.confirmed and c.requests and request in c.requests), None)
+        verdict = DIVERGED if failing or culprit or (flip is not None and not flip.near_tie) else MATCH
+        out.append({**info, "verdict": verdict, "points": sum(1 for e in mine if e.status == PASS or
+                                                               e.status in FAILING),
+                    "failing": len(failing),
+                    "first_divergence": None if first is None else {"step": first.step, "name": first.name,
+                                                                    "reason": first.reason},
+                    "first_flip": None if flip is None else {"step": flip.step, "golden_token": flip.golden_token,
+                                                             "target_token": flip.target_token,
+                                                             "near_tie": flip.near_tie},
+                    "culprit": None if culprit is None else culprit.target_module or culprit.module,
+                    "max_logprob_diff": max((e.metrics.get("logprob_diff_max") or 0.0 for e in mine
+                                             if e.logits and isinstance(e.metrics.get("logprob_diff_max"), float)),
+                                            default=None)})
+    return out
