@@ -236,7 +236,8 @@ def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, t
         report = run_compare(golden, target, rtol=rtol, atol=atol, steps=steps, modules=split_patterns(modules),
                              thresholds=parse_thresholds(thresholds), mapping=mapping, metrics=metrics,
                              algorithms=algorithms, allow_missing=allow_missing, preset=preset, level=level,
-                             engines=(golden_engine, target_engine), progress=lambda done, total: bar.update(task, completed=done, total=total))
+                             engines=(golden_engine, target_engine),
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     from llmdiff.report.terminal import print_comparison
 
     print_comparison(report.comparison, console, verbose=verbose)
