@@ -9,7 +9,7 @@ STAMP := $(VENV)/.llmdiff-installed
 VLLM_VENV ?= $(or $(LLMDIFF_CACHE),$(HOME)/.cache/llmdiff)/vllm-0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
-.PHONY: demo demo-bug test lint bench install vllm-env clean
+.PHONY: demo demo-bug demo-vllm test lint bench install vllm-env clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: $(STAMP)
 
 demo-bug: $(STAMP)
 	$(VENV)/bin/llmdiff demo --bug
+
+# transformers float32 against vLLM bfloat16 (prompts batched), then against vLLM on a planted weight
+demo-vllm: $(STAMP) vllm-env
+	LLMDIFF_VLLM_VENV=$(VLLM_VENV) $(VENV)/bin/llmdiff demo --engine vllm --tokens 16
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples bench

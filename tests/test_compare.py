@@ -254,3 +254,40 @@ def test_cli_bad_input_is_one_line_exit_2(dumps, args, message):
     assert result.returncode == 2
     assert result.stderr.startswith(message), result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def nan_at_step(module, step):
+    calls = {"n": -1}
+
+    def hook(mod, args, output):
+        calls["n"] += 1
+        if calls["n"] == step:
+            output = output.clone()
+            output[0, -1, 3] = float("nan")
+            return output
+        return output
+    module.register_forward_hook(hook)
+
+
+def test_a_module_that_turns_finite_inputs_into_nan_is_the_culprit(dumps, tmp_path):
+    model = tiny_llama(layers=4)
+    nan_at_step(model.model.layers[1].mlp.down_proj, step=2)
+    run(model, tmp_path / "nan")
+    report = llmdiff.compare(dumps["golden"], tmp_path / "nan")
+    assert report.verdict == "diverged"
+    fd = report.first_divergence
+    assert (fd["step"], fd["module"], fd["part"]) == (2, "model.layers.1.mlp.down_proj", "output")
+    top = report.culprits[0]
+    assert (top.module, top.step, top.confirmed) == ("model.layers.1.mlp.down_proj", 2, True)
+    assert "NaN" in top.reason
+    assert all(c.module not in ("model.layers.1.mlp", "model.layers.1") for c in report.culprits)
+    assert report.tokens.first_out_of_budget == 2  # non-finite logits are out of budget
+
+
+def test_a_culprit_within_budget_is_the_first_divergence(dumps, tmp_path):
+    # bf16 noise hides a 5% MLP fault from the tensor budgets; localization still finds it, and
+    # first_divergence names it rather than saying every tensor is within tolerance next to DIVERGED
+    report = llmdiff.compare(dumps["golden"], dumps["bf16_mlp"])
+    assert report.verdict == "diverged" and report.culprits[0].confirmed
+    fd = report.first_divergence
+    assert fd is not None and fd["module"] == report.culprits[0].module and fd["status"] == "culprit"

@@ -20,6 +20,7 @@ from rich.console import Console
 
 import llmdiff
 from llmdiff.demo import cache_dir, converted_model
+from llmdiff.engines.canonical import points
 from llmdiff.report.show import callers_text
 from llmdiff.store.schema import Entry, StepRecord
 from llmdiff.store.summary import module_rows
@@ -226,3 +227,101 @@ def test_served_engine_captures_every_finished_step_and_two_runs_match(vllm_bin,
     result = subprocess.run([str(LLMDIFF), "compare", str(tmp_path / "served1"),
                              str(tmp_path / "served2")], capture_output=True, text=True)
     assert result.returncode == 0 and "MATCH" in result.stdout, result.stdout + result.stderr
+
+
+# -- transformers against vLLM: canonical points, rows paired by (request, position) -------------------------
+CROSS_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def cross(vllm_bin, model_dir, tmp_path_factory):
+    """A transformers float32 golden (each prompt on its own) and vLLM targets (the prompts batched, prefill
+    chunked at 16 tokens a step): healthy float32, healthy bfloat16, and float32 with one weight changed."""
+    from transformers import AutoTokenizer
+
+    from llmdiff.demo import ENGINE_PROMPTS, hf_capture, planted_checkpoint, vllm_capture
+
+    root = tmp_path_factory.mktemp("cross")
+    os.environ["LLMDIFF_VLLM_VENV"] = str(VENV)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = [list(tokenizer(p)["input_ids"]) for p in ENGINE_PROMPTS]
+    hf_tokens = hf_capture(model_dir, "float32", ids, CROSS_TOKENS, root / "hf")
+    runs = {"vllm": vllm_capture(model_dir, "float32", list(ENGINE_PROMPTS), CROSS_TOKENS, root / "vllm", chunk=16),
+            "vllm-bf16": vllm_capture(model_dir, "bfloat16", list(ENGINE_PROMPTS), CROSS_TOKENS, root / "vllm-bf16",
+                                      chunk=16)}
+    faulty = planted_checkpoint(model_dir, "model.layers.3.self_attn.k_proj.weight", 1.02)
+    runs["vllm-fault"] = vllm_capture(faulty, "float32", list(ENGINE_PROMPTS), CROSS_TOKENS, root / "vllm-fault",
+                                      chunk=16)
+    hf_capture(model_dir, "float32", ids, CROSS_TOKENS, root / "hf-teacher-forced",
+               teacher_forced=runs["vllm"]["token_ids"])
+    return root, hf_tokens, runs
+
+
+def test_healthy_vllm_float32_matches_transformers_point_by_point(cross):
+    root, hf_tokens, runs = cross
+    assert runs["vllm"]["token_ids"] == hf_tokens
+    engine = llmdiff.open_dump(root / "vllm")
+    assert any(len(s.requests) == 2 and any(r["computed"] + r["rows"] < r["prompt_tokens"] for r in s.requests)
+               for s in engine.steps)  # the prompts shared a step, one of them mid-prefill
+    report = llmdiff.compare(root / "hf", root / "vllm")
+    assert report.verdict == "match", (report.first_divergence, report.culprits[:2])
+    c = report.comparison
+    assert c.settings["engines"] == ["hf", "vllm"]
+    assert [r["verdict"] for r in c.requests] == ["match", "match"]
+    assert {r["request"] for r in c.requests} == {0, 1} and all(r["target_id"] for r in c.requests)
+    passed = [e for e in c.entries if e.status == "pass"]
+    # every canonical point of the 30 layers pairs, at every step, except act_fn's output (vLLM fuses it)
+    per_step = {(e.rank, e.step) for e in passed}
+    assert len(passed) == len(per_step) * (len(list(points(30))) - 30)
+    missing = [e for e in c.entries if e.status == "missing_in_target"]
+    assert {e.module.rsplit(".", 1)[-1] for e in missing} == {"act_fn"} and {e.part for e in missing} == {"output"}
+    q = next(e for e in passed if e.module == "model.layers.4.self_attn.v_proj" and e.part == "output")
+    assert q.target_source == "model.layers.4.self_attn.qkv_proj output.0[..., 768:960]"
+    layer_out = next(e for e in passed if e.module == "model.layers.4" and e.part == "output")
+    assert layer_out.target_source == "model.layers.4 output.0 + model.layers.4 output.1"
+    assert max(e.metrics["rel_l2"] for e in passed if e.metrics.get("rel_l2") is not None) < 1e-4
+    assert all(r["max_logprob_diff"] < 1e-3 for r in c.requests)
+
+
+def test_healthy_vllm_bfloat16_matches_within_the_bfloat16_budget(cross):
+    root, _, _ = cross
+    report = llmdiff.compare(root / "hf", root / "vllm-bf16")
+    assert report.verdict == "match", (report.first_divergence, report.culprits[:2])
+    assert max(e.error for e in report.entries if e.error is not None) > 1e-3  # bf16 noise, judged as noise
+
+
+def test_a_fault_on_the_engine_side_is_named_as_the_engine_names_it(cross, tmp_path):
+    root, _, _ = cross
+    result = subprocess.run([str(LLMDIFF), "compare", str(root / "hf"), str(root / "vllm-fault"), "--json",
+                             str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    top = report["culprits"][0]
+    assert (top["module"], top["target_module"]) == ("model.layers.3.self_attn.k_proj",
+                                                     "model.layers.3.self_attn.qkv_proj")
+    assert top["confirmed"] and sorted(top["requests"]) == [0, 1]
+    assert report["first_divergence"]["module"] == "model.layers.3.self_attn.k_proj"
+    assert [r["culprit"] for r in report["requests"]] == ["model.layers.3.self_attn.qkv_proj"] * 2
+    assert "model.layers.3.self_attn.qkv_proj (= model.layers.3.self_attn.k_proj)" in result.stdout
+
+
+def test_teacher_forced_transformers_against_the_engine_rollout(cross):
+    root, _, _ = cross
+    report = llmdiff.compare(root / "hf-teacher-forced", root / "vllm")
+    assert report.verdict == "match", (report.first_divergence, report.culprits[:2])
+    c = report.comparison
+    logits = [e for e in c.entries if e.module == "lm_head" and e.part == "output" and e.status == "pass"]
+    # one pass per request; logits at the last prompt position and every decode position the engine ran
+    assert [e.golden_shape[0] for e in logits] == [CROSS_TOKENS] * 2
+    assert all(0 <= r["max_logprob_diff"] < 1e-3 for r in c.requests)
+
+
+def test_demo_engine_vllm(vllm_bin, tmp_path):
+    result = subprocess.run([str(LLMDIFF), "demo", "--engine", "vllm", "--tokens", "8", "-o", str(tmp_path / "d")],
+                            capture_output=True, text=True, env={**os.environ, "LLMDIFF_VLLM_VENV": str(VENV)},
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    healthy, planted = result.stdout.split("planted:", 1)
+    assert "MATCH" in healthy
+    assert "DIVERGED" in planted and "culprit" in planted
+    assert "model.layers.7.mlp.gate_up_proj (= model.layers.7.mlp.up_proj)" in planted

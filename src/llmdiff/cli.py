@@ -158,10 +158,15 @@ def show(dump: Path, list_modules: bool, modules: tuple[str, ...], steps: str | 
               show_default=True, help="Folder for the two runs and the reports.")
 @click.option("--tokens", type=click.IntRange(1, 512), default=64, show_default=True, help="Tokens to generate.")
 @click.option("--bug", is_flag=True, help="Plant an RMSNorm that skips its float32 upcast (float16 target).")
-def demo(out_dir: Path, tokens: int, bug: bool) -> None:
+@click.option("--engine", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="vllm: a transformers float32 golden against vLLM bfloat16 (make vllm-env), then a planted fault.")
+def demo(out_dir: Path, tokens: int, bug: bool, engine: str) -> None:
     """Compare float32 and bfloat16 generations of SmolLM2-135M (offline) and write an HTML report."""
-    from llmdiff.demo import run_demo
+    from llmdiff.demo import run_demo, run_engine_demo
 
+    if engine == "vllm":
+        healthy, planted = run_engine_demo(out_dir, tokens=min(tokens, 32), console=console)
+        sys.exit(0 if healthy.exit_code == 0 and planted.exit_code == 1 else 1)
     run_demo(out_dir, tokens=tokens, bug=bug, console=console)
 
 

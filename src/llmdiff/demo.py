@@ -142,3 +142,116 @@ def run_demo(out_dir: Path, tokens: int = 64, bug: bool = False, console: Consol
     report.to_json(out_dir / "report.json")
     console.print(f"HTML report: {html.resolve()}")
     return report
+
+
+# -- the cross-engine demo: transformers golden, vLLM target ------------------------------------------------
+ENGINE_PROMPTS = ("The capital of France is", "Tell me a story about a dragon who lived in a cave by the sea")
+#: The planted fault of ``llmdiff demo --engine vllm``: one weight of one layer 5% off in the engine's copy.
+ENGINE_BUG_WEIGHT = "model.layers.7.mlp.up_proj.weight"
+
+
+def vllm_python() -> Path:
+    """The Python of the vLLM venv (``make vllm-env``; ``$LLMDIFF_VLLM_VENV`` overrides where it is)."""
+    venv = Path(os.environ.get("LLMDIFF_VLLM_VENV") or cache_dir() / "vllm-0.32.0")
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        raise LlmdiffError(f"no vLLM venv at {venv}: make vllm-env creates it")
+    return python
+
+
+def hf_capture(model_dir: Path, dtype: str, prompts: list[list[int]], tokens: int, run_dir: Path,
+               teacher_forced: list[list[int]] | None = None) -> list[list[int]]:
+    """Capture every module of transformers running each prompt on its own: greedy ``generate`` of
+    ``tokens`` tokens, or, with ``teacher_forced``, one forward pass over prompt + those tokens (how a
+    trainer scores a rollout). Returns the generated token ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import llmdiff
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    generated: list[list[int]] = []
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with llmdiff.capture(model, run_dir, steps="all"), torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])
+            if teacher_forced is not None:
+                model(torch.tensor([prompt + teacher_forced[i]]))
+                generated.append(list(teacher_forced[i]))
+                continue
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=model.generation_config.eos_token_id)
+            generated.append([int(t) for t in out[0, ids.shape[1]:]])
+    return generated
+
+
+def vllm_capture(model_dir: Path, dtype: str, prompts: list[str], tokens: int, run_dir: Path,
+                 chunk: int | None = None) -> dict[str, Any]:
+    """Run :mod:`llmdiff.engines.vllm_generate` in the vLLM venv; returns its texts and token ids."""
+    import json
+    import subprocess
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = [str(vllm_python()), "-m", "llmdiff.engines.vllm_generate", str(model_dir), str(run_dir),
+            "--dtype", dtype, "--tokens", str(tokens), *[a for p in prompts for a in ("--prompt", p)]]
+    if chunk is not None:
+        args += ["--chunk", str(chunk)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMDIFF_RUN", "LLMDIFF_CONFIG"))}
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("result:")]
+    if done.returncode != 0 or not lines:
+        raise LlmdiffError(f"the vLLM run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    result: dict[str, Any] = json.loads(lines[0][len("result:"):])
+    return result
+
+
+def planted_checkpoint(model_dir: Path, weight: str = ENGINE_BUG_WEIGHT, scale: float = 1.05) -> Path:
+    """A copy of the checkpoint with ``weight`` scaled (the engine side's planted fault), cached."""
+    from safetensors.torch import load_file, save_file
+
+    target = cache_dir() / f"{model_dir.name}-planted-{weight}-{scale}"
+    if (target / "model.safetensors").is_file():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(model_dir, partial, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = load_file(model_dir / "model.safetensors")
+    weights[weight] = weights[weight] * scale
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def run_engine_demo(out_dir: Path, tokens: int = 16, console: Console | None = None) -> tuple[Any, Any]:
+    """transformers float32 (each prompt on its own) against vLLM bfloat16 (the prompts batched), then against
+    vLLM bfloat16 on a checkpoint with one planted weight; returns both Reports."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import llmdiff
+    from llmdiff.report.terminal import print_comparison
+
+    console = console or Console()
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    model_dir = converted_model(console)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = list(ENGINE_PROMPTS)
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    golden = out_dir / "golden-hf-fp32"
+    with console.status(f"transformers float32: {len(prompts)} prompts, each on its own, {tokens} tokens"):
+        hf_capture(model_dir, "float32", ids, tokens, golden)
+    reports = []
+    for name, checkpoint in (("target-vllm-bf16", model_dir), ("target-vllm-bf16-planted", None)):
+        if checkpoint is None:
+            checkpoint = planted_checkpoint(model_dir)
+            console.print(f"planted: {ENGINE_BUG_WEIGHT} x 1.05 in the engine's copy of the checkpoint")
+        with console.status(f"vLLM bfloat16: the {len(prompts)} prompts batched, {tokens} tokens"):
+            result = vllm_capture(checkpoint, "bfloat16", prompts, tokens, out_dir / name)
+        console.print(f"[bold]{name}[/]: {[t[:60] for t in result['texts']]}")
+        report = llmdiff.compare(golden, out_dir / name)
+        print_comparison(report.comparison, console)
+        report.to_html(out_dir / f"{name}.html")
+        console.print(f"HTML report: {(out_dir / f'{name}.html').resolve()}")
+        reports.append(report)
+    return reports[0], reports[1]

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from llmdiff.compare.results import DIVERGED, FAILING, MATCH, PASS, Culprit, EntryResult, Tokens
-from llmdiff.engines import hf, vllm
+from llmdiff.engines import CANONICAL, canonical_sources
 from llmdiff.engines.canonical import Ref, Source, points
 from llmdiff.errors import DumpError
 from llmdiff.store.reader import Dump, ProcessDump
 from llmdiff.store.schema import Entry, StepRecord
 
-ENGINES = ("hf", "vllm")
+ENGINES = tuple(CANONICAL)
 
 
 def engine_of(dump: Dump) -> str:
@@ -267,8 +267,13 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
     if not config:
         raise DumpError(f"{engine_dump.path}: no model config recorded by the engine, so its fused projections "
                         "cannot be split")
-    hf_side = _Side(hf_dump, "hf", hf.canonical_sources(layers))
-    engine_side = _Side(engine_dump, names[1 if not flip else 0], vllm.canonical_sources(layers, config))
+    engine = names[0] if flip else names[1]
+    hf_side = _Side(hf_dump, "hf", canonical_sources("hf", layers, {}))
+    try:
+        engine_side = _Side(engine_dump, engine, canonical_sources(engine, layers, config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DumpError(f"{engine_dump.path}: the recorded model config cannot split fused projections "
+                        f"({type(exc).__name__}: {exc})") from None
     units = _hf_units(hf_dump)
     index = _engine_index(engine_dump)
     matched = _match_requests(units, index)
@@ -276,8 +281,12 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
     own: dict[str, tuple[str | None, str | None]] = {}
     for unit in units:
         rid = matched.get(unit.request)
-        fed = [index.tokens.get(rid, {}).get(p) for p in unit.positions] if rid is not None else []
-        for view, tokens in ((hf_view, unit.tokens), (engine_view, fed)):
+        # the tokens fed at the positions both ran (a teacher-forced pass includes the last sampled token,
+        # which the engine never fed; an engine that stopped early ran none of the later ones)
+        seen = index.tokens.get(rid, {}) if rid is not None else {}
+        both = [i for i, p in enumerate(unit.positions) if p in seen]
+        fed = ([unit.tokens[i] for i in both], [seen[unit.positions[i]] for i in both])
+        for view, tokens in ((hf_view, fed[0]), (engine_view, fed[1])):
             view.steps[unit.request, unit.step] = StepRecord(unit.request, unit.step, tokens, 0)
         for module, part in points(layers):
             _pair_point(unit, rid, module, part, hf_side, engine_side, hf_view, engine_view, index, own)
@@ -293,7 +302,7 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
             notes.append(f"{side.engine}: {len(unused)} captured entries hold no canonical point and are not compared"
                          + (f"; modules with none: {', '.join(idle[:6])}{', ...' if len(idle) > 6 else ''}"
                             if idle else ""))
-    notes += [f"{names[1 if not flip else 0]}: {p}" for p in index.problems[:3]]
+    notes += [f"{engine}: {p}" for p in index.problems[:3]]
     requests = []
     for request in sorted({u.request for u in units}):
         mine = [u for u in units if u.request == request]

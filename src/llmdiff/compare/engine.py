@@ -331,7 +331,7 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
         token_thresholds.setdefault("cosine", options.tolerance.logits_min_cosine)
     tokens = analyze_tokens(entries, golden_ids, target_ids, token_thresholds, options.tolerance.kl_budget)
     culprits, had_inputs = find_culprits(entries)
-    first = first_divergence(entries)
+    first = first_divergence(entries, culprits)
     notes: list[str] = []
     missing = [e for e in entries if e.status in MISSING]
     # Two tools capture different things (msIT saves no keyword inputs, msProbe adds parameters...):

@@ -86,6 +86,7 @@ class ModuleCall:
     introduced: float = 0.0
     expected: float = 0.0
     boundary: bool = False
+    nonfinite: bool = False  # its inputs agree on being finite, its outputs do not: it made the NaN/Inf
     dtypes: list[str] = field(default_factory=list)
 
     def contains(self, other: ModuleCall) -> bool:
@@ -97,6 +98,12 @@ class ModuleCall:
 
 def _float(entry: EntryResult) -> bool:
     return entry.error is not None and (entry.golden_dtype or "").startswith(("float", "bfloat"))
+
+
+def _nonfinite(entry: EntryResult) -> bool:
+    """One side holds NaN/Inf where the other does not (or the error itself is not a number)."""
+    mismatch = entry.metrics.get("nonfinite_mismatch")
+    return bool(mismatch) or (entry.error is not None and not math.isfinite(entry.error))
 
 
 def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
@@ -115,6 +122,16 @@ def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
     for call in calls.values():
         float_outputs = [e for e in call.outputs if _float(e)]
         if not float_outputs:
+            continue
+        if any(_nonfinite(e) for e in float_outputs):
+            # NaN/Inf break the error arithmetic; what matters is who turned finite inputs into them
+            call.nonfinite = bool(call.inputs) and not any(_nonfinite(e) for e in call.inputs)
+            call.boundary = call.nonfinite
+            call.input_error = max((e.error or 0.0 for e in call.inputs if _float(e) and not _nonfinite(e)),
+                                   default=0.0)
+            call.output_error = call.introduced = math.inf
+            call.dtypes = [d for e in float_outputs for d in (e.golden_dtype or "", e.target_dtype or "")]
+            result.append(call)
             continue
         call.input_error = max((e.error or 0.0 for e in call.inputs if _float(e)), default=0.0)
         call.output_error = max(e.error or 0.0 for e in float_outputs)
@@ -153,11 +170,18 @@ def _step_scores(calls: Sequence[ModuleCall]) -> dict[int, float]:
     ratios: dict[tuple[int, int, str], list[float]] = {}
     for c in calls:
         c.expected = max(c.input_error, unit_roundoff(*c.dtypes), ACCUMULATION_FLOOR)
-        ratios.setdefault((c.rank, c.step, role(c.module)), []).append(c.introduced / c.expected)
+        if math.isfinite(c.introduced):
+            ratios.setdefault((c.rank, c.step, role(c.module)), []).append(c.introduced / c.expected)
     children = _direct_children(calls)
     scores = {}
     for c in calls:
-        group = ratios[(c.rank, c.step, role(c.module))]
+        if c.nonfinite or not math.isfinite(c.introduced):
+            # the first to make NaN/Inf out of finite inputs is the culprit, unless a child made them
+            made_by_child = any(d.nonfinite for d in children[id(c)])
+            scores[id(c)] = math.inf if c.nonfinite and not made_by_child else 0.0
+            c.boundary = c.nonfinite and not made_by_child
+            continue
+        group = ratios.get((c.rank, c.step, role(c.module)), [])
         if len(group) >= 3:
             c.expected *= max(1.0, statistics.median(group))
         explained = math.sqrt(sum(d.introduced**2 for d in children[id(c)])) >= CHILD_EXPLAINS * c.introduced
@@ -179,7 +203,11 @@ def find_culprits(entries: Sequence[EntryResult], limit: int = 10) -> tuple[list
         median = statistics.median(values)
         spike = SPIKE if len(steps) >= 3 else JUMP
         boundaries = [c for c in steps if c.boundary]
-        if boundaries:
+        made_nonfinite = [c for c in boundaries if c.nonfinite]
+        if made_nonfinite:
+            kind, shown = 0, made_nonfinite[0]
+            reason = "its inputs are finite on both sides, its output holds NaN/Inf on one side only"
+        elif boundaries:
             kind, shown, reason = 0, boundaries[0], "inputs agree within tolerance, outputs do not"
         elif len(steps) >= 3 and median >= CONSISTENT:
             shown = next(c for c in steps if scores[id(c)] >= CONSISTENT)
@@ -204,14 +232,27 @@ def find_culprits(entries: Sequence[EntryResult], limit: int = 10) -> tuple[list
     return culprits, any(c.inputs for c in calls)
 
 
-def first_divergence(entries: Sequence[EntryResult]) -> dict[str, Any] | None:
-    """The earliest failing entry in execution order (by step, then order within the step)."""
+def first_divergence(entries: Sequence[EntryResult], culprits: Sequence[Culprit] = ()) -> dict[str, Any] | None:
+    """The earliest failing entry in execution order (by step, then order within the step). When every
+    tensor is within its budget but a culprit is confirmed (an error far above what its inputs, peers
+    and dtype explain), the culprit's first output entry, with status ``culprit``."""
     failing = [e for e in entries if e.status in FAILING]
-    if not failing:
-        return None
-    e = min(failing, key=lambda x: (x.step, x.index))
+    if failing:
+        e = min(failing, key=lambda x: (x.step, x.index))
+        status, reason = e.status, e.reason
+    else:
+        culprit = next((c for c in culprits if c.confirmed), None)
+        outputs = [] if culprit is None else [
+            e for e in entries if (e.rank, e.step, e.module, e.call) == (culprit.rank, culprit.step, culprit.module,
+                                                                         culprit.call) and not e.is_input]
+        if culprit is None or not outputs:
+            return None
+        e = min(outputs, key=lambda x: x.index)
+        status = "culprit"
+        reason = f"within its budget, but {culprit.reason} (input error {culprit.input_error:.3g} -> output " \
+                 f"error {culprit.output_error:.3g})"
     return {"rank": e.rank, "step": e.step, "module": e.module, "call": e.call, "part": e.part, "path": e.path,
-            "name": e.name, "status": e.status, "reason": e.reason, "metrics": e.metrics}
+            "name": e.name, "status": status, "reason": reason, "metrics": e.metrics}
 
 
 def _pick_logits(entries: Sequence[EntryResult]) -> list[EntryResult]:
@@ -253,7 +294,8 @@ def analyze_tokens(entries: Sequence[EntryResult], golden_ids: dict[tuple[int, i
             ts.cosine, ts.kl, ts.kl_max = m.get("cosine"), m.get("kl"), m.get("kl_max")
             ts.top1_agree, ts.golden_margin = m.get("top1_agree"), m.get("golden_margin")
             ts.logit_error = m.get("last_logit_err")
-            ts.within_budget = (ts.cosine or 0.0) >= cos_min and (ts.kl or 0.0) <= kl_max
+            nonfinite = bool(m.get("nonfinite_mismatch")) or not math.isfinite(float(ts.logit_error or 0.0))
+            ts.within_budget = not nonfinite and (ts.cosine or 0.0) >= cos_min and (ts.kl or 0.0) <= kl_max
             ts.flip = ts.golden_token != ts.target_token
             if ts.flip:
                 # A gap smaller than twice the largest logit error can be closed by that error alone.

@@ -9,7 +9,7 @@ dtype         u           rel_l2 budget (entry)  KL budget (logits, per position
 float64       1.1e-16     1e-10                  1e-12
 float32       6.0e-8      1e-4                   1e-5
 float16       4.9e-4      5e-2                   2e-3
-bfloat16      3.9e-3      2.5e-1                 2e-2
+bfloat16      3.9e-3      4e-1                   2e-2
 ============  ==========  =====================  ============================
 
 Why these numbers: one rounding to a dtype gives a relative L2 error of about ``u / sqrt(3)``; a
@@ -17,8 +17,10 @@ decoder stack adds such errors op after op and carries the earlier ones along. M
 healthy bf16-vs-fp32 run of SmolLM2-135M (32 generated tokens): hidden states end at ~0.03, most
 tensors stay under 0.06, but a gated-MLP product on a token where it nearly cancels reached 0.16,
 and the logits' KL reached 6e-3 (above msIT's 5e-3 guideline, which is therefore not the
-default; pass ``--threshold cosine=0.999 --threshold kl=0.005`` for it). The bf16 budgets sit
-~1.5-3x above those maxima; float16 scales them by its 8x smaller
+default; pass ``--threshold cosine=0.999 --threshold kl=0.005`` for it). vLLM's CPU kernels in bf16
+against transformers in fp32 (prefill and 16 decode steps of two prompts) reach 0.255 on one decode
+row of a mid-stack attention output, the residual stream around it 0.20, with the same tokens
+generated. The bf16 budgets sit ~1.5-3x above those maxima; float16 scales them by its 8x smaller
 ``u``; float32 budgets leave room for different reduction orders across kernels, far below what a
 real bug changes. Logits are judged by KL only: softmax ignores a constant shift, so rel_l2 and
 cosine of raw logits overstate harmless differences; the KL budget applies to the mean over
@@ -52,7 +54,7 @@ UNIT_ROUNDOFF = {
     "float8_e4m3fn": 2.0**-4,
     "float8_e5m2": 2.0**-3,
 }
-REL_L2_BUDGET = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-2, "bfloat16": 2.5e-1,
+REL_L2_BUDGET = {"float64": 1e-10, "float32": 1e-4, "float16": 5e-2, "bfloat16": 4e-1,
                  "float8_e4m3fn": 0.5, "float8_e5m2": 1.0}
 KL_BUDGET = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2,
              "float8_e4m3fn": 0.1, "float8_e5m2": 0.2}

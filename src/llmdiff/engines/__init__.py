@@ -16,12 +16,24 @@ The contract between :class:`~llmdiff.capture.session.Capture` and an engine mod
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
 if TYPE_CHECKING:
     from llmdiff.capture.session import Capture
+    from llmdiff.engines.canonical import Source
+
+#: The engines whose dumps can be paired by canonical point: name -> module with ``canonical_sources``.
+CANONICAL = {"hf": "llmdiff.engines.hf", "vllm": "llmdiff.engines.vllm"}
+
+
+def canonical_sources(engine: str, layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:
+    """Where ``engine``'s dumps hold each canonical point (see :mod:`llmdiff.engines.canonical`)."""
+    sources: dict[tuple[str, str], Source] = importlib.import_module(CANONICAL[engine]).canonical_sources(
+        layers, config)
+    return sources
 
 
 class EngineSteps(Protocol):

@@ -9,13 +9,15 @@ During ``generate`` the logits are computed for the last position only (``lm_hea
 
 from __future__ import annotations
 
+from typing import Any
+
 from llmdiff.engines.canonical import LOGITS, Ref, Source, one, points
 
-NAME = "hf"
 
-
-def canonical_sources(layers: int) -> dict[tuple[str, str], Source]:
-    """Where each canonical point sits in a transformers dump of a Llama-family model."""
+def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:
+    """Where each canonical point sits in a transformers dump of a Llama-family model (``config`` unused:
+    transformers does not fuse projections)."""
+    del config
     sources: dict[tuple[str, str], Source] = {}
     for module, part in points(layers):
         if part == "input":

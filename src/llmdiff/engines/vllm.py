@@ -215,8 +215,6 @@ def _int_list(value: Any) -> list[int] | None:
 
 
 # -- canonical points (what a cross-engine compare pairs) -------------------------------------------------
-NAME = "vllm"
-
 
 def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:
     """Where vLLM's Llama-family modules hold each canonical point, and how to make it canonical.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,10 @@ from safetensors import SafetensorError, safe_open
 from llmdiff.errors import DumpError
 from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, PROCESS_FILE, RUN_FILE, Entry, StepRecord
 
-OPEN_SHARDS = 4
+#: Shards kept open or in memory at once, and the bytes of those read whole (least recently used go first).
+OPEN_SHARDS = 64
+CACHED_BYTES = 256 << 20
+MAPPED_SHARDS = 4  # large shards stay memory-mapped; their touched pages count as resident
 #: Shards up to this size are read whole into memory (decode steps write many small ones).
 SMALL_SHARD = 16 << 20
 _SHARD_NAME = re.compile(r"shard-\d{6}\.safetensors")
@@ -49,7 +54,9 @@ class Dump:
     format: str = "llmdiff"
     #: how a format that is not file-per-tensor reads an entry's tensor (weight files, GGUF)
     loader: Callable[[Entry], torch.Tensor] | None = field(default=None, repr=False)
-    _handles: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _handles: OrderedDict[tuple[str, str], Any] = field(default_factory=OrderedDict, repr=False)
+    _sizes: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def entries(self) -> list[Entry]:
@@ -90,25 +97,38 @@ class Dump:
             assert file is not None
             return load_tensor(file, entry.data.get("key", ""))
         key = (entry.process, entry.data["file"])
-        handle = self._handles.get(key)
+        with self._lock:
+            handle = self._handles.get(key)
+            if handle is not None:
+                self._handles.move_to_end(key)
         if handle is None:
-            while len(self._handles) >= OPEN_SHARDS:  # unmapping a finished shard gives its pages back
-                self._handles.pop(next(iter(self._handles)))
             file = self.process_folder(entry.process) / entry.data["file"]
             try:
-                if file.stat().st_size <= SMALL_SHARD:  # one read beats thousands of small lookups
-                    handle = self._handles[key] = safetensors.torch.load(file.read_bytes())
+                size = file.stat().st_size
+                if size <= SMALL_SHARD:  # one read beats thousands of small lookups
+                    handle = safetensors.torch.load(file.read_bytes())
                 else:
-                    handle = self._handles[key] = safe_open(str(file), framework="pt")
+                    handle, size = safe_open(str(file), framework="pt"), 0
             except (OSError, SafetensorError) as exc:
                 raise DumpError(f"cannot read {file}: {exc}") from None
+            with self._lock:
+                self._handles[key], self._sizes[key] = handle, size
+                # least recently used first: unmapping a finished shard gives its pages back, and a view
+                # that gathers rows from many steps (a cross-engine compare) keeps its shards at hand
+                while len(self._handles) > 1 and (len(self._handles) > OPEN_SHARDS
+                                                  or sum(self._sizes.values()) > CACHED_BYTES
+                                                  or sum(not n for n in self._sizes.values()) > MAPPED_SHARDS):
+                    oldest = next(iter(self._handles))
+                    del self._handles[oldest], self._sizes[oldest]
         try:
             return handle[entry.data["key"]] if isinstance(handle, dict) else handle.get_tensor(entry.data["key"])
         except (KeyError, SafetensorError) as exc:
             raise DumpError(f"{entry.data['file']}: no tensor {entry.data['key']!r} ({exc})") from None
 
     def close(self) -> None:
-        self._handles.clear()
+        with self._lock:
+            self._handles.clear()
+            self._sizes.clear()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
