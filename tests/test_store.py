@@ -42,7 +42,7 @@ def test_missing_or_escaping_data_files_are_not_followed(dump_dir):
     dump = llmdiff.open_dump(dump_dir)
     first = dump.entries[0]
     assert first.data is None and first.note == "data file missing"
-    assert any("missing or misnamed" in p for p in dump.problems)
+    assert any("data file missing, truncated, misnamed or outside the dump" in p for p in dump.problems)
     with pytest.raises(DumpError, match="only statistics were captured"):
         dump.load(first)
 

@@ -1,6 +1,8 @@
 """The ``llmdiff`` command: argument parsing, then one call into the Python API per command.
 
-Exit codes: 0 success (or runs match), 1 runs diverge, 2 bad input. Errors are one line.
+Exit codes: 0 success (or runs match), 1 runs diverge (or the comparison is incomplete), 2 bad input,
+3 an internal error of llmdiff (a bug: one line, and the traceback with ``LLMDIFF_DEBUG=1``), 130 interrupted.
+``llmdiff run`` exits with the program's own code. Errors are one line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from rich.console import Console
 from llmdiff.errors import LlmdiffError
 
 # Piped output is not wrapped at 80 columns: tables stay one line per row in logs and files.
+#: The exit code of an unexpected error inside llmdiff (never 1, which means "diverged").
+INTERNAL_ERROR = 3
+
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
@@ -233,6 +238,8 @@ def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, t
     from llmdiff.compare.tolerance import parse_thresholds
 
     golden, target = _two_dumps(golden, target, golden_opt, target_opt)
+    for output in [*outputs, *([str(json_file)] if json_file else [])]:
+        _refuse_inside_inputs(Path(output), (golden, target))
     report_paths = [_report_path(path) for path in outputs]
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True,
@@ -302,6 +309,16 @@ def _two_dumps(golden: Path | None, target: Path | None, golden_opt: Path | None
     return given[0], given[1]
 
 
+def _refuse_inside_inputs(path: Path, dumps: tuple[Path, ...]) -> None:
+    """A report never writes into or over a dump it reads."""
+    from llmdiff.store.reader import inside
+
+    for dump in dumps:
+        if dump.exists() and inside(path, dump):
+            raise LlmdiffError(f"report path {path} lies inside the input dump {dump}: write reports elsewhere "
+                               "(inputs are never modified)")
+
+
 def _report_path(name: str) -> Path:
     """A folder (msIT's -o) gets a CSV report inside; other paths must name a known format (none or .txt: Markdown)."""
     from llmdiff.report.model import FORMATS
@@ -316,12 +333,16 @@ def _report_path(name: str) -> Path:
     return path
 
 
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn :class:`LlmdiffError` into one line and exit code 2."""
     try:
         cli.main(args=argv, prog_name="llmdiff", standalone_mode=False)
     except LlmdiffError as exc:
-        err_console.print(f"llmdiff: error: {exc}", soft_wrap=True)
+        err_console.print(f"llmdiff: error: {_printable(str(exc))}", soft_wrap=True, markup=False)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         err_console.print("llmdiff: aborted")
@@ -333,3 +354,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         sys.exit(0)
+    except KeyboardInterrupt:
+        err_console.print("llmdiff: interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a crash must never pass for a verdict (exit 1) in a script
+        if os.environ.get("LLMDIFF_DEBUG"):
+            raise
+        text = _printable(" ".join(str(exc).split())[:300])
+        err_console.print(f"llmdiff: internal error: {type(exc).__name__}: {text} (a bug in llmdiff; please report "
+                          "it; LLMDIFF_DEBUG=1 shows the traceback)", soft_wrap=True, markup=False)
+        sys.exit(INTERNAL_ERROR)

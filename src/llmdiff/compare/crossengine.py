@@ -79,7 +79,8 @@ class _Side:
 
     def refs_at(self, step: int, source: Source) -> list[Entry] | None:
         """The own entries ``source`` needs at ``step`` (None when the dump lacks them)."""
-        found = [self.by_key.get((step, r.module, r.part, r.path)) for r in source.refs]
+        found = [e if e is not None and e.data is not None else None  # statistics cannot be gathered by row
+                 for e in (self.by_key.get((step, r.module, r.part, r.path)) for r in source.refs)]
         if source.transform == "sum":
             return None if any(f is None for f in found) else [f for f in found if f is not None]
         first = next((f for f in found if f is not None), None)
@@ -279,12 +280,15 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
     matched = _match_requests(units, index)
     hf_view, engine_view = _View(hf_side), _View(engine_side)
     own: dict[str, tuple[str | None, str | None]] = {}
+    unrun: dict[int, int] = {}  # request -> golden steps the engine ran none of
     for unit in units:
         rid = matched.get(unit.request)
         # the tokens fed at the positions both ran (a teacher-forced pass includes the last sampled token,
         # which the engine never fed; an engine that stopped early ran none of the later ones)
         seen = index.tokens.get(rid, {}) if rid is not None else {}
         both = [i for i, p in enumerate(unit.positions) if p in seen]
+        if not both:
+            unrun[unit.request] = unrun.get(unit.request, 0) + 1
         fed = ([unit.tokens[i] for i in both], [seen[unit.positions[i]] for i in both])
         for view, tokens in ((hf_view, fed[0]), (engine_view, fed[1])):
             view.steps[unit.request, unit.step] = StepRecord(unit.request, unit.step, tokens, 0)
@@ -308,6 +312,10 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
         mine = [u for u in units if u.request == request]
         requests.append({"request": request, "target_id" if not flip else "golden_id": matched.get(request),
                          "prompt_tokens": len(mine[0].tokens), "steps": [u.step for u in mine]})
+    for request, count in sorted(unrun.items()):
+        if request in matched:
+            notes.append(f"request {request}: the {engine} side ran none of the positions of {count} golden step(s) "
+                         "(its generation ended sooner): their points are one-sided")
     if any(u.request not in matched for u in units):
         notes.append("some golden requests have no request in the other dump: their points are one-sided")
     views = (hf_view.dump(hf_dump), engine_view.dump(engine_dump))

@@ -44,7 +44,7 @@ from llmdiff.compare.results import (
 from llmdiff.compare.tolerance import KL_BUDGET, KL_WORST_POSITION, REL_L2_BUDGET, Tolerance, lower_precision
 from llmdiff.config import ModulePattern, StepSet
 from llmdiff.errors import LlmdiffError, UsageError
-from llmdiff.store.reader import Dump
+from llmdiff.store.reader import DATA_MISSING, Dump
 from llmdiff.store.schema import Entry
 
 #: A user metric: ``func(golden, target) -> float`` or ``-> (float, message)`` (msIT's signature).
@@ -310,6 +310,7 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     pairs = align(golden.entries, target.entries, options.mapping, options.steps, options.modules)
     if options.level == "token":  # msIT's -cl token: the logits of each token only
         pairs = [p for p in pairs if is_logits(p.any)]
+    lost = [x for p in pairs for x in (p.golden, p.target) if x is not None and x.note == DATA_MISSING]
     golden_ids, target_ids = _step_token_ids(golden, options.steps), _step_token_ids(target, options.steps)
     tokens_differ = _steps_after_token_mismatch(golden_ids, target_ids)
     workers = options.workers or _default_workers(golden.entries)
@@ -341,7 +342,7 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     flip = tokens.first_flip
     departure = flip is not None and flip.get("near_tie") is not True
     paired = len(entries) - len(missing)
-    if missing and (not allow_missing or paired == 0):
+    if (missing and (not allow_missing or paired == 0)) or (lost and not options.allow_missing):
         verdict = INCOMPLETE
     elif first is not None or departure or tokens.first_input_mismatch == 0 or any(c.confirmed for c in culprits):
         verdict = DIVERGED
@@ -360,6 +361,11 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
         notes.append(f"{len(missing)} entries are present on one side only"
                      + ("" if options.allow_missing else " (verdict 'incomplete'; narrow with --modules/--steps "
                         "or pass --allow-missing)"))
+    if lost:
+        names = ", ".join(sorted({e.name for e in lost})[:3])
+        notes.append(f"{len(lost)} entries lost their tensor data (a shard is missing or damaged) and were compared "
+                     f"by statistics only: {names}{', ...' if len(lost) > 3 else ''}"
+                     + ("" if options.allow_missing else "; the verdict is incomplete (--allow-missing accepts it)"))
     if flip is not None and flip.get("near_tie"):
         notes.append(f"the greedy token flips at step {flip['step']} at a near-tie (golden margin "
                      f"{flip['golden_margin']:.3g} <= 2 x logit error {flip['logit_error']:.3g}): "

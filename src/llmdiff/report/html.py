@@ -63,6 +63,8 @@ def error_by_module_plot(entries: Sequence[EntryResult], step: int, culprit: str
 
     outputs = [e for e in entries if e.step == step and e.part == "output" and e.error is not None
                and _positive(e.error) is not None and not e.logits]
+    if not outputs:  # nothing on a log scale to draw (an empty or fully unpaired dump)
+        return "<p>no compared module outputs to plot</p>"
     fig, ax = plt.subplots(figsize=(12, 3.6))
     xs = list(range(len(outputs)))
     ys = [max(e.error or 0.0, 1e-12) for e in outputs]

@@ -86,7 +86,7 @@ class Report:
 def _write(text: str, path: str | Path | None) -> str:
     if path is not None:
         try:
-            Path(path).write_text(text, encoding="utf-8")
+            Path(path).write_text(text, encoding="utf-8", errors="backslashreplace")
         except OSError as exc:
             raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     return text

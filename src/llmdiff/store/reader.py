@@ -21,7 +21,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from llmdiff.errors import DumpError
-from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, PROCESS_FILE, RUN_FILE, Entry, StepRecord
+from llmdiff.store.schema import (
+    MANIFEST_FILE,
+    PARTIAL_SUFFIX,
+    PROCESS_FILE,
+    RUN_FILE,
+    Entry,
+    RecordError,
+    StepRecord,
+)
 
 #: Shards kept open or in memory at once, and the bytes of those read whole (least recently used go first).
 OPEN_SHARDS = 64
@@ -95,6 +103,8 @@ class Dump:
 
             file = self.data_file(entry)
             assert file is not None
+            if not inside(file, self.path):
+                raise DumpError(f"{file}: leads outside the dump folder (a symlink?); not read")
             return load_tensor(file, entry.data.get("key", ""))
         key = (entry.process, entry.data["file"])
         with self._lock:
@@ -131,44 +141,91 @@ class Dump:
             self._sizes.clear()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+#: The note of an entry whose tensor data is gone (a shard missing, truncated, misnamed or outside the dump).
+DATA_MISSING = "data file missing"
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks resolved, lies inside ``root``: a dump's files never lead elsewhere."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def read_json_file(path: Path, problems: list[str], root: Path) -> dict[str, Any]:
+    """A JSON object from a regular file inside ``root``; anything else is a listed problem and ``{}``.
+    Never blocks: FIFOs and devices are not regular files."""
+    if not path.exists() and not path.is_symlink():
         return {}
-    return data if isinstance(data, dict) else {}
+    if not inside(path, root):
+        problems.append(f"{path}: leads outside the dump folder (a symlink?); not read")
+        return {}
+    if not path.is_file():
+        problems.append(f"{path}: not a regular file; not read")
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+        problems.append(f"{path}: unreadable ({type(exc).__name__}); ignored")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: not a JSON object; ignored")
+        return {}
+    return data
 
 
-def read_process(folder: Path, problems: list[str]) -> ProcessDump:
+def _shard_readable(file: Path, root: Path) -> bool:
+    if not (inside(file, root) and file.is_file()):
+        return False
+    try:  # the header names every tensor's byte range; a truncated shard fails here
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+        return True
+    except (OSError, SafetensorError, ValueError):
+        return False
+
+
+def read_process(folder: Path, problems: list[str], root: Path | None = None) -> ProcessDump:
     """Read one process folder; what cannot be trusted is appended to ``problems``."""
-    proc = ProcessDump(folder, _read_json(folder / PROCESS_FILE))
+    root = root or folder
+    proc = ProcessDump(folder, read_json_file(folder / PROCESS_FILE, problems, root))
     for partial in sorted(folder.glob("*" + PARTIAL_SUFFIX)):
         problems.append(f"{partial}: half-written shard ignored (the process was interrupted)")
     pending: list[Entry] = []
     shard_ok: dict[str, bool] = {}
     manifest = folder / MANIFEST_FILE
+    if not (inside(manifest, root) and manifest.is_file()):
+        problems.append(f"{manifest}: not a regular file inside the dump; process folder skipped")
+        return proc
     with open(manifest, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 record = json.loads(raw)
-                kind = record["kind"]
-            except (ValueError, KeyError, TypeError):
+                kind = record["kind"] if isinstance(record, dict) else None
+                parsed = (StepRecord.from_json(record) if kind == "step" else
+                          Entry.from_json(record, process=folder.name) if kind == "entry" else None)
+            except RecordError as exc:
+                problems.append(f"{manifest}:{number}: bad {kind} line ignored ({exc})")
+                continue
+            except (ValueError, KeyError, TypeError, RecursionError):
                 problems.append(f"{manifest}:{number}: unreadable line ignored (torn write?)")
                 continue
-            if kind == "step":
-                proc.steps.append(StepRecord.from_json(record))
+            if isinstance(parsed, StepRecord):
+                proc.steps.append(parsed)
                 proc.entries.extend(pending)
                 pending = []
-            elif kind == "entry":
-                entry = Entry.from_json(record, process=folder.name)
+            elif isinstance(parsed, Entry):
+                entry = parsed
                 if entry.data is not None:
-                    name = entry.data.get("file", "")
+                    name = entry.data["file"]
                     if name not in shard_ok:
-                        shard_ok[name] = bool(_SHARD_NAME.fullmatch(name)) and (folder / name).is_file()
+                        shard_ok[name] = bool(_SHARD_NAME.fullmatch(name)) and _shard_readable(folder / name, root)
+                        if not shard_ok[name]:
+                            problems.append(f"{folder / name}: data file missing, truncated, misnamed or outside "
+                                            "the dump; its entries are kept as statistics only")
                     if not shard_ok[name]:
-                        problems.append(f"{folder / name}: data file missing or misnamed; "
-                                        f"{entry.name} kept as stats only")
-                        entry.data, entry.note = None, "data file missing"
+                        entry.data, entry.note = None, DATA_MISSING
                 pending.append(entry)
     if pending:
         proc.unfinished = len(pending)
@@ -181,7 +238,11 @@ def _process_folders(path: Path) -> Iterator[Path]:
     if (path / MANIFEST_FILE).is_file():
         yield path
         return
-    for child in sorted(path.iterdir(), key=lambda p: (len(p.name), p.name)):
+    try:
+        children = sorted(path.iterdir(), key=lambda p: (len(p.name), p.name))
+    except OSError:
+        return
+    for child in children:
         if child.is_dir() and (child / MANIFEST_FILE).is_file():
             yield child
 
@@ -189,8 +250,15 @@ def _process_folders(path: Path) -> Iterator[Path]:
 def open_llmdiff_dump(path: Path) -> Dump:
     """Open a run folder (or one process folder) written by llmdiff."""
     problems: list[str] = []
-    processes = [read_process(folder, problems) for folder in _process_folders(path)]
-    run = _read_json(path / RUN_FILE) or _read_json(path.parent / RUN_FILE)
+    processes = []
+    for folder in _process_folders(path):
+        if inside(folder, path):
+            processes.append(read_process(folder, problems, path))
+        else:
+            problems.append(f"{folder}: leads outside the dump folder (a symlink?); not read")
+    run = read_json_file(path / RUN_FILE, problems, path)
+    if not run and not (path / RUN_FILE).exists():  # a process folder opened on its own
+        run = read_json_file(path.parent / RUN_FILE, [], path.parent)
     return Dump(path, run, processes, problems)
 
 

@@ -86,22 +86,30 @@ class Entry:
 
     @classmethod
     def from_json(cls, record: dict[str, Any], process: str = "") -> Entry:
+        """Parse a manifest line; a missing or wrong-typed field raises :class:`RecordError` naming it."""
+        for key in ("data", "stats"):  # always written, null or not: a line without them was edited
+            if key not in record:
+                raise RecordError(f"{key}: missing")
+        data = record.get("data")
+        if data is not None and not (isinstance(data, dict) and isinstance(data.get("file"), str)
+                                     and isinstance(data.get("key"), str)):
+            raise RecordError("data: expected null or {\"file\": str, \"key\": str}")
         return cls(
-            seq=int(record["seq"]),
-            rank=int(record["rank"]),
-            step=int(record["step"]),
-            module=str(record["module"]),
-            type=str(record.get("type", "")),
-            call=int(record["call"]),
-            part=str(record["part"]),
-            path=str(record["path"]),
-            shape=[int(d) for d in record["shape"]],
-            dtype=str(record["dtype"]),
-            device=str(record.get("device", "")),
-            stats=record.get("stats"),
-            data=record.get("data"),
-            note=record.get("note"),
-            caller=record.get("caller"),
+            seq=_int(record, "seq"),
+            rank=_int(record, "rank"),
+            step=_int(record, "step"),
+            module=_str(record, "module"),
+            type=_str(record, "type", ""),
+            call=_int(record, "call"),
+            part=_str(record, "part"),
+            path=_str(record, "path"),
+            shape=_ints(record, "shape"),
+            dtype=_str(record, "dtype"),
+            device=_str(record, "device", ""),
+            stats=_stats(record.get("stats")),
+            data=None if data is None else {"file": _clean(data["file"]), "key": _clean(data["key"])},
+            note=_str(record, "note", None),
+            caller=_str(record, "caller", None),
             process=process,
         )
 
@@ -129,5 +137,80 @@ class StepRecord:
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> StepRecord:
-        return cls(int(record["rank"]), int(record["step"]), record.get("token_ids"), int(record["entries"]),
-                   requests=record.get("requests"), positions=record.get("positions"), note=record.get("note"))
+        """Parse a step line; a missing or wrong-typed field raises :class:`RecordError` naming it."""
+        token_ids = record.get("token_ids")
+        if token_ids is not None and not (isinstance(token_ids, list) and all(
+                _is_int(t) or (isinstance(t, list) and all(_is_int(u) for u in t)) for t in token_ids)):
+            raise RecordError("token_ids: expected null or a list of token ids (or of lists of them)")
+        requests = record.get("requests")
+        if requests is not None:
+            if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
+                raise RecordError("requests: expected null or a list of objects")
+            requests = [_request(r) for r in requests]
+        positions = record.get("positions")
+        return cls(_int(record, "rank"), _int(record, "step"), token_ids, _int(record, "entries"),
+                   requests=requests, positions=None if positions is None else _ints(record, "positions"),
+                   note=_str(record, "note", None))
+
+
+class RecordError(ValueError):
+    """A manifest line whose fields are missing or of the wrong type."""
+
+
+_REQUIRED = object()
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _int(record: dict[str, Any], key: str) -> int:
+    value = record.get(key)
+    if not _is_int(value):
+        raise RecordError(f"{key}: expected an integer, got {'nothing' if value is None else type(value).__name__}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def _clean(text: str) -> str:
+    # a lone surrogate (from a "\udfff" escape) is a str no file or terminal can encode: spell it out
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _str(record: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    value = record.get(key, default)
+    if value is _REQUIRED:
+        raise RecordError(f"{key}: missing")
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{key}: expected a string, got {type(value).__name__}")
+    return _clean(value)
+
+
+def _ints(record: dict[str, Any], key: str) -> list[int]:
+    value = record.get(key)
+    if not isinstance(value, list) or not all(_is_int(v) and v >= 0 for v in value):
+        raise RecordError(f"{key}: expected a list of non-negative integers")
+    return list(value)
+
+
+def _stats(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+            v is None or isinstance(v, (int, float, str)) for v in value.values()):
+        raise RecordError("stats: expected null or an object of numbers")
+    return value
+
+
+def _request(request: dict[str, Any]) -> dict[str, Any]:
+    out = dict(request)
+    out["id"] = _clean(str(request.get("id")))
+    for key in ("start", "rows"):
+        _int(request, key)
+        if request[key] < 0:
+            raise RecordError(f"requests.{key}: expected a non-negative integer")
+    for key in ("arrival", "computed", "prompt_tokens", "logits_row"):
+        if request.get(key) is not None:
+            _int(request, key)
+    return out

@@ -6,12 +6,16 @@ from pathlib import Path
 
 from llmdiff.errors import DumpError
 from llmdiff.store.formats.torchfile import describe
-from llmdiff.store.reader import ProcessDump
+from llmdiff.store.reader import ProcessDump, inside
 from llmdiff.store.schema import StepRecord
 
 
-def describe_or_report(file: Path, problems: list[str]) -> list[tuple[str, list[int], str]]:
-    """The tensors in ``file`` (key, shape, dtype); an unreadable or refused file becomes a problem."""
+def describe_or_report(file: Path, problems: list[str], root: Path) -> list[tuple[str, list[int], str]]:
+    """The tensors in ``file`` (key, shape, dtype); an unreadable or refused file, or one whose path leads out
+    of the dump folder ``root`` (a symlink), becomes a problem."""
+    if not inside(file, root):
+        problems.append(f"{file}: leads outside the dump folder (a symlink?); not read")
+        return []
     try:
         return describe(file)
     except DumpError as exc:

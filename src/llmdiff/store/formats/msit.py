@@ -47,19 +47,25 @@ def _module(folder_name: str) -> str:
 
 
 def _types(tree_file: Path) -> dict[str, str]:
+    if not tree_file.is_file():  # a FIFO would block
+        return {}
     try:
-        tree = json.loads(tree_file.read_text())
-    except (OSError, json.JSONDecodeError):
+        tree = json.loads(tree_file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
         return {}
     types: dict[str, str] = {}
 
     def walk(node: Any) -> None:  # post-order: msIT writes a module's files when its call ends
         if isinstance(node, dict):
-            for child in node.get("children") or []:
+            children = node.get("children")
+            for child in children if isinstance(children, list) else []:
                 walk(child)
             types[_module(str(node.get("name", "")))] = str(node.get("type", ""))
 
-    walk(tree)
+    try:
+        walk(tree)
+    except RecursionError:
+        return {}
     return types
 
 
@@ -105,7 +111,7 @@ def open_msit_dump(path: Path) -> Dump:
 
 def _add(proc: ProcessDump, problems: list[str], file: Path, base: str, rank: int, step: int, module: str,
          type_name: str, part: str, tensor_path: str, device: str) -> None:
-    tensors = describe_or_report(file, problems)
+    tensors = describe_or_report(file, problems, proc.folder)
     relative = file.relative_to(proc.folder).as_posix()
     for key, shape, dtype in tensors:
         path = ".".join(p for p in (tensor_path, key) if p)

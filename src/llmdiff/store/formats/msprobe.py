@@ -28,7 +28,7 @@ from typing import Any
 
 from llmdiff.config import normalize_op_name
 from llmdiff.errors import DumpError
-from llmdiff.store.reader import Dump, ProcessDump
+from llmdiff.store.reader import Dump, ProcessDump, inside
 from llmdiff.store.schema import Entry, StepRecord
 
 FORMAT = "msprobe"
@@ -61,10 +61,18 @@ def _dump_files(path: Path) -> list[tuple[int, Path]]:
 
 
 def _read_json(path: Path) -> Any:
+    if not path.is_file():  # a FIFO would block
+        raise DumpError(f"{path}: not a regular file")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DumpError(f"{path}: not a readable msProbe file ({exc})") from None
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise DumpError(f"{path}: not a readable msProbe file ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+def _shape(value: Any) -> list[int] | None:
+    if isinstance(value, list) and all(type(d) is int and d >= 0 for d in value):
+        return value
+    return None
 
 
 def _stats(record: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +166,10 @@ def open_msprobe_dump(path: Path) -> Dump:
     files = _dump_files(path)
     proc_names = sorted({f.name for _, f in files if f.name.startswith("proc")})
     for _, folder in files:
+        if not (inside(folder / "dump.json", path) and inside(folder / "construct.json", path)):
+            problems.append(f"{folder}: its dump.json or construct.json leads outside the dump folder (a symlink?); "
+                            "not read")
+            continue
         dump = _read_json(folder / "dump.json")
         if not isinstance(dump, dict) or not isinstance(dump.get("data"), dict):
             raise DumpError(f"{folder / 'dump.json'}: not an msProbe dump.json (no 'data' object)")
@@ -172,6 +184,8 @@ def open_msprobe_dump(path: Path) -> Dump:
                                                                       "level": dump.get("level")}))
         base = folder.relative_to(path).as_posix() if folder != path else ""
         construct = construct if isinstance(construct, dict) else {}
+        # each key names its parent call (or null): anything else in a hand-edited file is dropped
+        construct = {k: v for k, v in construct.items() if v is None or isinstance(v, str)}
         keys = [k for k in dump["data"] if isinstance(dump["data"][k], dict) and not k.endswith(".backward")
                 and ".backward." not in k]
         names = _named(keys, construct)
@@ -191,9 +205,13 @@ def open_msprobe_dump(path: Path) -> Dump:
                      ("output", outputs), ("param", record.get("parameters")))
             for part, value in parts:
                 for tensor_path, tensor in _tensors(value, ""):
+                    shape = _shape(tensor.get("shape") or [])
+                    if shape is None:
+                        problems.append(f"{folder / 'dump.json'}: {key} {part} {tensor_path}: shape "
+                                        f"{str(tensor.get('shape'))[:40]} is not a list of sizes; ignored")
+                        continue
                     entry = Entry(seq=len(proc.entries), rank=rank, step=step, module=module, type=type_name,
-                                  call=call, part=part, path=tensor_path,
-                                  shape=[int(d) for d in tensor.get("shape") or []],
+                                  call=call, part=part, path=tensor_path, shape=shape,
                                   dtype=str(tensor.get("dtype", "")).removeprefix("torch."), device="",
                                   stats=_stats(tensor), process=folder.name)
                     data_name = tensor.get("data_name")
@@ -211,7 +229,7 @@ def open_msprobe_dump(path: Path) -> Dump:
             proc.steps.append(StepRecord(rank, step, None, steps_here[step]))
         offsets[folder.name] = max(steps_here, default=offset - 1) + 1
     if not processes:
-        raise DumpError(f"{path}: no msProbe dump.json found")
+        raise DumpError(problems[0] if problems else f"{path}: no msProbe dump.json found")
     for proc in processes.values():
         proc.entries.sort(key=lambda e: (e.step, e.seq))
         for seq, entry in enumerate(proc.entries):

@@ -41,8 +41,11 @@ def is_sglang_dump(path: Path) -> bool:
     return bool(_files(path))
 
 
+_INT = re.compile(r"-?[0-9]+")
+
+
 def _int(value: str | None, default: int = 0) -> int:
-    return int(value) if value is not None and value.lstrip("-").isdigit() else default
+    return int(value) if value is not None and _INT.fullmatch(value) else default
 
 
 def open_sglang_dump(path: Path) -> Dump:
@@ -61,7 +64,7 @@ def open_sglang_dump(path: Path) -> Dump:
     calls: Counter[tuple[int, int, str]] = Counter()
     for rank, step, _, name, file in sorted(records, key=lambda r: (r[0], r[1], r[2], r[4].name)):
         proc = processes.setdefault(rank, ProcessDump(path, {"format": FORMAT, "rank": rank}))
-        tensors = describe_or_report(file, problems)
+        tensors = describe_or_report(file, problems, path)
         call = calls[(rank, step, name)]
         calls[(rank, step, name)] += 1
         for key, shape, dtype in tensors:

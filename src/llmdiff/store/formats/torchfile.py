@@ -19,6 +19,8 @@ from llmdiff.errors import DumpError
 
 def load_object(path: Path, *, mmap: bool = False) -> Any:
     """Unpickle ``path`` with ``weights_only=True`` (tensors, numbers, strings, lists, dicts only)."""
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise DumpError(f"{path}: not a regular file")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then reads fine
             warnings.simplefilter("ignore")
@@ -31,8 +33,9 @@ def load_object(path: Path, *, mmap: bool = False) -> Any:
         if mmap and "mmap" in str(exc):  # legacy (non-zip) files cannot be memory-mapped
             return load_object(path, mmap=False)
         raise DumpError(f"{path}: not a readable PyTorch file ({str(exc).splitlines()[0][:160]})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise DumpError(f"{path}: not a readable PyTorch file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, AttributeError,
+            IndexError, RecursionError, MemoryError) as exc:
+        raise DumpError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
 def select(obj: Any, key: str, path: Path) -> torch.Tensor:

@@ -64,7 +64,7 @@ def open_vllm_dump(path: Path) -> Dump:
                     continue
                 device, rank = _device(m["dev"])
                 proc = processes.setdefault(rank, ProcessDump(run, {"format": FORMAT, "device": device}))
-                tensors = describe_or_report(file, problems)
+                tensors = describe_or_report(file, problems, path)
                 part = "input" if m["part"] == "inputs" else "output"
                 for key, shape, dtype in tensors:
                     tensor_path = ".".join(p for p in (m["index"] or "", key) if p)
