@@ -8,7 +8,8 @@ import io
 from llmdiff.compare.results import Comparison
 
 FIXED = ("index", "rank", "step", "module", "call", "part", "path", "name", "type", "status", "reason",
-         "golden_dtype", "target_dtype", "golden_shape", "target_shape", "kind", "logits", "error", "budget")
+         "golden_dtype", "target_dtype", "golden_shape", "target_shape", "kind", "logits", "error", "budget",
+         "golden_source", "target_source")
 
 
 def render_csv(c: Comparison) -> str:

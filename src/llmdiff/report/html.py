@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 
 from llmdiff.compare.results import PASS, Comparison, EntryResult
-from llmdiff.report.text import headline, module_label, num
+from llmdiff.report.text import culprit_label, headline, module_label, num
 
 MAX_ROWS = 20000
 
@@ -156,7 +156,7 @@ def render_html(c: Comparison) -> str:
                                                "steps", "confirmed", "reason")]
         parts.append("</tr></thead><tbody>")
         for i, k in enumerate(c.culprits, 1):
-            parts.append("<tr>" + "".join(_cell(v) for v in (i, module_label(k.module), k.call, k.step, k.score,
+            parts.append("<tr>" + "".join(_cell(v) for v in (i, culprit_label(k), k.call, k.step, k.score,
                                                               k.input_error, k.output_error, k.steps,
                                                               "yes" if k.confirmed else "suspect", k.reason))
                          + "</tr>")

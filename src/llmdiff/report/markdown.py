@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmdiff.compare.results import PASS, Comparison, EntryResult
-from llmdiff.report.text import culprit_text, headline, module_label, num
+from llmdiff.report.text import culprit_label, culprit_text, headline, num
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -16,7 +16,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _entry_row(e: EntryResult, columns: list[str]) -> list[str]:
-    return [e.name, e.status, *[num(e.metrics.get(m)) for m in columns], e.reason]
+    name = e.name if not e.target_source else f"{e.name} (golden: {e.golden_source}; target: {e.target_source})"
+    return [name, e.status, *[num(e.metrics.get(m)) for m in columns], e.reason]
 
 
 def render_markdown(c: Comparison, verbose: bool = False) -> str:
@@ -26,7 +27,7 @@ def render_markdown(c: Comparison, verbose: bool = False) -> str:
     lines.append("")
     if c.culprits:
         lines += ["## Culprits", ""]
-        rows = [[str(i), module_label(k.module), str(k.call), str(k.step), num(k.score), num(k.input_error),
+        rows = [[str(i), culprit_label(k), str(k.call), str(k.step), num(k.score), num(k.input_error),
                  num(k.output_error), str(k.steps), "yes" if k.confirmed else "suspect", k.reason]
                 for i, k in enumerate(c.culprits, 1)]
         lines += _table(["#", "module", "call", "step", "score", "input error", "output error", "steps",
