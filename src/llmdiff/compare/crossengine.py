@@ -52,6 +52,17 @@ def _config(dump: Dump) -> dict[str, Any]:
     return {}
 
 
+def _sizes_from(hf_dump: Dump) -> dict[str, Any]:
+    """The widths of fused projections, read off transformers' own q, k and gate projection outputs (for an
+    engine dump that records no model config, such as SGLang's dumper)."""
+    widths: dict[str, int] = {}
+    for e in hf_dump.entries:
+        for name, key in (("q_proj", "q_size"), ("k_proj", "kv_size"), ("gate_proj", "intermediate_size")):
+            if e.part == "output" and e.module.endswith(f".{name}") and e.shape:
+                widths.setdefault(key, e.shape[-1])
+    return widths if len(widths) == 3 else {}
+
+
 def _layers(entries: Sequence[Entry]) -> int:
     found = [int(e.module.split(".")[2]) for e in entries if e.module.startswith("model.layers.")
              and e.module.split(".")[2].isdigit()]
@@ -155,7 +166,8 @@ def _engine_index(dump: Dump) -> _EngineIndex:
         ids = step.token_ids if isinstance(step.token_ids, list) else []
         for request in step.requests:
             rid, start, rows = str(request["id"]), int(request["start"]), int(request["rows"])
-            index.arrival.setdefault(rid, int(request.get("arrival") or len(index.arrival)))
+            arrival = request.get("arrival")
+            index.arrival.setdefault(rid, int(arrival) if arrival is not None else len(index.arrival))
             for row in range(start, start + rows):
                 position = int(step.positions[row])
                 index.rows[rid, position] = (step.step, row)
@@ -264,10 +276,10 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
     flip = names[0] != "hf"
     hf_dump, engine_dump = (target, golden) if flip else (golden, target)
     layers = max(_layers(hf_dump.entries), _layers(engine_dump.entries))
-    config = _config(engine_dump)
+    config = _config(engine_dump) or _sizes_from(hf_dump)
     if not config:
-        raise DumpError(f"{engine_dump.path}: no model config recorded by the engine, so its fused projections "
-                        "cannot be split")
+        raise DumpError(f"{engine_dump.path}: no model config recorded by the engine, and the transformers side "
+                        "has no q/k/gate projection outputs to take the widths of its fused projections from")
     engine = names[0] if flip else names[1]
     hf_side = _Side(hf_dump, "hf", canonical_sources("hf", layers, {}))
     try:

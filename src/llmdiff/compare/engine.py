@@ -54,7 +54,7 @@ Progress = Callable[[int, int], None]
 #: The metrics reports show by default (``--metric`` picks others; every metric is in JSON and CSV).
 DEFAULT_COLUMNS = ("cosine", "rel_l2", "sqnr_db", "max_abs", "max_rel", "mismatches")
 
-_LOGITS_MODULE = re.compile(r"(^|\.)(lm_head|logits)$")
+_LOGITS_MODULE = re.compile(r"(^|\.)(lm_head|logits|logits_processor)$")
 
 
 @dataclass
@@ -101,7 +101,8 @@ def load_algorithm(spec: str) -> tuple[str, Algorithm]:
 
 def is_logits(entry: Entry) -> bool:
     return (entry.part == "output" and len(entry.shape) >= 1 and entry.shape[-1] > 1
-            and (entry.path.split(".")[-1] == "logits" or bool(_LOGITS_MODULE.search(entry.module))))
+            and (entry.path.split(".")[-1] in ("logits", "next_token_logits")
+                 or bool(_LOGITS_MODULE.search(entry.module))))
 
 
 def _is_float(dtype: str) -> bool:
@@ -123,6 +124,8 @@ class _Deferred:
 class _Comparer:
     def __init__(self, golden: Dump, target: Dump, options: Options) -> None:
         self.golden, self.target, self.options = golden, target, options
+        # Engines upcast logits to float32 at the end of a bfloat16 model: their budget is the run's precision.
+        self.run_dtype = lower_precision(*{e.dtype for d in (golden, target) for e in d.entries})
 
     def results(self, indices: range, pairs: Sequence[EntryPair],
                 tokens_differ: set[tuple[int, int]]) -> list[EntryResult]:
@@ -154,7 +157,7 @@ class _Comparer:
             result.kind = "none"
             return result
         result.logits = is_logits(g)
-        dtype = lower_precision(g.dtype, t.dtype)
+        dtype = lower_precision(g.dtype, t.dtype, *((self.run_dtype,) if result.logits else ()))
         result.budget = REL_L2_BUDGET[dtype]
         if g.shape != t.shape and squeezed_shape(g.shape) != squeezed_shape(t.shape):
             result.status, result.kind = SHAPE_MISMATCH, "none"
@@ -330,7 +333,8 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     token_thresholds = dict(options.tolerance.thresholds)
     if options.tolerance.logits_min_cosine is not None:
         token_thresholds.setdefault("cosine", options.tolerance.logits_min_cosine)
-    tokens = analyze_tokens(entries, golden_ids, target_ids, token_thresholds, options.tolerance.kl_budget)
+    tokens = analyze_tokens(entries, golden_ids, target_ids, token_thresholds, options.tolerance.kl_budget,
+                            comparer.run_dtype)
     culprits, had_inputs = find_culprits(entries)
     first = first_divergence(entries, culprits)
     notes: list[str] = []

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmdiff.compare.results import FAIL, FAILING, PASS, Culprit, EntryResult, Tokens, TokenStep
+from llmdiff.compare.results import FAIL, FAILING, MISSING, PASS, Culprit, EntryResult, Tokens, TokenStep
 from llmdiff.compare.tolerance import KL_BUDGET, lower_precision, unit_roundoff
 
 #: The least error a call is expected to add, whatever the dtype: two kernels (two engines, two BLAS
@@ -109,6 +109,8 @@ def _nonfinite(entry: EntryResult) -> bool:
 def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
     """Group compared entries into module calls that have both inputs and outputs."""
     calls: dict[tuple[int, int, str, int], ModuleCall] = {}
+    # a call whose inputs were captured on one side only has an unknown input error, not a zero one
+    unknown_inputs = {(e.rank, e.step, e.module, e.call) for e in entries if e.is_input and e.status in MISSING}
     for e in entries:
         if e.status not in (PASS, FAIL) or e.part in ("save", "param"):
             continue
@@ -119,9 +121,9 @@ def module_calls(entries: Sequence[EntryResult]) -> list[ModuleCall]:
         call.first, call.last = min(call.first, e.index), max(call.last, e.index)
         (call.inputs if e.is_input else call.outputs).append(e)
     result = []
-    for call in calls.values():
+    for key, call in calls.items():
         float_outputs = [e for e in call.outputs if _float(e)]
-        if not float_outputs:
+        if not float_outputs or (key in unknown_inputs and not any(_float(e) for e in call.inputs)):
             continue
         if any(_nonfinite(e) for e in float_outputs):
             # NaN/Inf break the error arithmetic; what matters is who turned finite inputs into them
@@ -270,9 +272,10 @@ def _int(value: object) -> int | None:
 
 def analyze_tokens(entries: Sequence[EntryResult], golden_ids: dict[tuple[int, int], Any],
                    target_ids: dict[tuple[int, int], Any], thresholds: dict[str, float],
-                   kl_budget: Callable[[str], float] = KL_BUDGET.__getitem__) -> Tokens:
+                   kl_budget: Callable[[str], float] = KL_BUDGET.__getitem__, run_dtype: str = "float64") -> Tokens:
     """Per-step logits comparison, the first step out of budget and the first greedy-token flip.
-    ``thresholds`` may set ``cosine`` and ``kl``; ``kl_budget(dtype)`` is the KL limit otherwise."""
+    ``thresholds`` may set ``cosine`` and ``kl``; ``kl_budget(dtype)`` is the KL limit otherwise, for the
+    lower precision of the logits' dtypes and ``run_dtype`` (the runs' lowest: logits are often upcast)."""
     tokens = Tokens()
     steps: dict[tuple[int, int], TokenStep] = {}
     parted: set[int] = set()  # ranks whose runs were fed different tokens: later steps differ in context too
@@ -283,7 +286,7 @@ def analyze_tokens(entries: Sequence[EntryResult], golden_ids: dict[tuple[int, i
     logits = _pick_logits(entries)
     if logits:
         tokens.logits_entry = logits[0].name
-        dtype = lower_precision(logits[0].golden_dtype or "", logits[0].target_dtype or "")
+        dtype = lower_precision(logits[0].golden_dtype or "", logits[0].target_dtype or "", run_dtype)
         cos_min = thresholds.get("cosine", 0.0)
         kl_max = thresholds.get("kl", kl_budget(dtype))
         tokens.budget = {"kl": kl_max, **({"cosine": cos_min} if "cosine" in thresholds else {})}

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from llmdiff.engines.canonical import Source
 
 #: The engines whose dumps can be paired by canonical point: name -> module with ``canonical_sources``.
-CANONICAL = {"hf": "llmdiff.engines.hf", "vllm": "llmdiff.engines.vllm"}
+CANONICAL = {"hf": "llmdiff.engines.hf", "vllm": "llmdiff.engines.vllm", "sglang": "llmdiff.engines.sglang"}
 
 
 def canonical_sources(engine: str, layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 #: (module suffix inside ``model.layers.N``, parts) in execution order; "" is the layer itself.
 LAYER_POINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -96,3 +97,13 @@ class Source:
 def one(module: str, part: str, *paths: str, layout: str = "tokens") -> Source:
     """A point held by one entry, at the first of ``paths`` the dump has (``""`` or ``"0"``...)."""
     return Source(tuple(Ref(module, part, p) for p in paths or ("",)), layout=layout)
+
+
+def fused_sizes(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(q, k or v, gate or up) widths of fused projections: from ``q_size``/``kv_size``/``intermediate_size``,
+    or from the head counts and head size of a model config."""
+    if "q_size" in config:
+        return int(config["q_size"]), int(config["kv_size"]), int(config["intermediate_size"])
+    heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    return heads * head_dim, kv_heads * head_dim, int(config["intermediate_size"])

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from llmdiff.engines.canonical import LOGITS, Ref, Source, one
+from llmdiff.engines.canonical import LOGITS, Ref, Source, fused_sizes, one
 
 if TYPE_CHECKING:
     from llmdiff.capture.session import Capture
@@ -226,9 +226,7 @@ def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, st
     vLLM has no ``act_fn`` output of its own (``SiluAndMul`` returns ``act(gate) * up``, the
     ``down_proj`` input), so that point stays one-sided.
     """
-    heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    q, kv, inter = heads * head_dim, kv_heads * head_dim, int(config["intermediate_size"])
+    q, kv, inter = fused_sizes(config)
     sources: dict[tuple[str, str], Source] = {
         ("model.embed_tokens", "input"): one("model.embed_tokens", "input", "0"),
         ("model.embed_tokens", "output"): one("model.embed_tokens", "output"),
