@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-
 from typing import Any
 
 import torch
