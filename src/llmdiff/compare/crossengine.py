@@ -70,14 +70,6 @@ def _layers(entries: Sequence[Entry]) -> int:
 
 
 @dataclass
-class _Rows:
-    """Where a canonical tensor's rows come from on one side: (own step, row index) per row."""
-
-    rows: list[tuple[int, int]]
-    batch: int | None = None  # transformers: the batch row of the request
-
-
-@dataclass
 class _Side:
     dump: Dump
     engine: str
