@@ -109,7 +109,8 @@ def test_offline_multiprocess_capture_keeps_the_text_and_records_engine_steps(vl
     assert info["models"][0]["engine"]["config"]["num_key_value_heads"] == 3
     # step 0 is the first real prefill (both prompts batched): no warm-up or profile pass is numbered
     steps = dump.steps
-    assert [s.step for s in steps] == list(range(len(steps))) and 2 <= len(steps) <= TOKENS
+    # one prefill, then a decode step per token; vLLM's async scheduling may run one step ahead of the end
+    assert [s.step for s in steps] == list(range(len(steps))) and 2 <= len(steps) <= TOKENS + 1
     first = steps[0]
     assert [r["arrival"] for r in first.requests] == [0, 1]
     assert all(r["computed"] == 0 and r["rows"] == r["prompt_tokens"] for r in first.requests)
@@ -216,7 +217,7 @@ def test_served_engine_captures_every_finished_step_and_two_runs_match(vllm_bin,
     dump = llmdiff.open_dump(tmp_path / "served1")
     assert not dump.problems
     # two requests sent one after the other (8 tokens at most each): a prefill, then decode steps, all attributed
-    assert 2 < len(dump.steps) <= 16
+    assert 2 < len(dump.steps) <= 18  # async scheduling may run a step ahead of each end
     assert [len(s.requests) for s in dump.steps] == [1] * len(dump.steps)
     prefills = [s.requests[0] for s in dump.steps if s.requests[0]["computed"] == 0]
     assert [r["arrival"] for r in prefills] == [0, 1] and len({r["id"] for r in prefills}) == 2
