@@ -218,9 +218,9 @@ def split_patterns(values: tuple[str, ...]) -> list[str]:
               help="FILE.py:FUNCTION user metric (repeatable).")
 @click.option("--map", "mapping", type=click.Path(path_type=Path), help="YAML/JSON module renaming rules.")
 @click.option("--allow-missing", is_flag=True, help="Entries on one side only do not make the verdict incomplete.")
-@click.option("--golden-engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
+@click.option("--golden-engine", type=click.Choice(["auto", "hf", "vllm", "sglang"]), default="auto", show_default=True,
               help="The engine that wrote GOLDEN (detected from the dump); different engines pair canonical points.")
-@click.option("--target-engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
+@click.option("--target-engine", type=click.Choice(["auto", "hf", "vllm", "sglang"]), default="auto", show_default=True,
               help="The engine that wrote TARGET.")
 @click.option("-v", "--verbose", is_flag=True, help="List every entry that does not pass.")
 def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, target_opt: Path | None,
