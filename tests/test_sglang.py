@@ -116,6 +116,9 @@ def test_transformers_against_sglang_pairs_canonical_points(hf_golden):
     assert stream.target_source == ("model.layers.1.mlp output + model.layers.1.post_attention_layernorm output.1")
     assert stream.metrics["max_abs"] == 0.0  # exactly transformers' hidden_states[2] in float32
     assert max(e.metrics["rel_l2"] for e in passed if e.metrics.get("rel_l2") is not None) < 1e-5
+    # detection can be overridden: told both are SGLang, the dumps pair by module name instead (and mostly do not)
+    by_name = llmdiff.compare(hf_golden, SGLANG / "fp32", engines=("sglang", "sglang")).comparison
+    assert by_name.settings["engines"] is None and by_name.verdict != "match"
 
 
 @pytest.mark.slow
