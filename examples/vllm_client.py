@@ -1,7 +1,7 @@
 """A client for a vLLM server on loopback: waits until it is up, sends OpenAI completions at temperature 0.
 
     llmdiff run -c il.json -o runs/served -- python -m vllm.entrypoints.openai.api_server \\
-        --model MODEL_DIR --enforce-eager --port 8000 &
+        --model MODEL_DIR --enforce-eager --no-async-scheduling --port 8000 &
     python examples/vllm_client.py 8000 MODEL_DIR; kill -INT %1
 
 Prints the generated texts as one JSON line after "texts:". Standard library only.
