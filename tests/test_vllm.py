@@ -217,7 +217,9 @@ def test_served_engine_captures_every_finished_step_and_two_runs_match(vllm_bin,
     texts = [serve_and_capture(vllm_bin, model_dir, tmp_path / f"served{i}", config, tmp_path) for i in (1, 2)]
     assert texts[0] == texts[1] and all(texts[0])
     dump = llmdiff.open_dump(tmp_path / "served1")
-    assert not dump.problems
+    # A pass the engine had begun when the signal came is reported as unfinished (seen once in three CI
+    # rehearsals), never taken for a step; nothing else may be wrong.
+    assert all("entries of an unfinished step ignored" in p for p in dump.problems), dump.problems
     # two requests sent one after the other (8 tokens at most each): a prefill, then decode steps, all attributed
     assert 2 < len(dump.steps) <= 16
     assert [len(s.requests) for s in dump.steps] == [1] * len(dump.steps)
