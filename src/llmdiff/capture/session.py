@@ -493,10 +493,12 @@ class Capture:
         self._flush()
         if self._step_selected() and (self._step_entries or self._writer is not None):
             metadata = metadata or {}
+            # An engine's worker can be killed as soon as it answers (vLLM's shutdown does): its steps are
+            # made durable before the engine goes on.
             self._ensure_writer().end_step(StepRecord(
                 self._rank(), self.current_step, metadata.get("token_ids", self._token_ids), self._step_entries,
                 requests=metadata.get("requests"), positions=metadata.get("positions"),
-                note=metadata.get("requests_note")))
+                note=metadata.get("requests_note")), wait=self._engine is not None)
             self.steps_done += 1
         self.current_step += 1
         self._reset_step_state()

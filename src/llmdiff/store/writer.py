@@ -67,10 +67,16 @@ class DumpWriter:
                 self._in_flight += size
         self._queue.put((items, size))
 
-    def end_step(self, record: StepRecord) -> None:
-        """Mark a step complete: everything queued before is made durable, then the step line."""
+    def end_step(self, record: StepRecord, wait: bool = False) -> None:
+        """Mark a step complete: everything queued before is made durable, then the step line. With ``wait``,
+        return only once the step line is written (an engine process may be killed right after a step)."""
         self._raise_if_failed()
-        self._queue.put(record)
+        if not wait:
+            self._queue.put(record)
+            return
+        done = threading.Event()
+        self._queue.put((record, done))
+        done.wait(timeout=60)
 
     def close(self) -> None:
         """Drain the queue and stop the thread. Raises if writing failed."""
@@ -95,10 +101,13 @@ class DumpWriter:
                     self._release(item)
                     continue
                 try:
-                    if isinstance(item, StepRecord):
-                        self._commit()
-                        self._write_line(item.to_json())
-                        self._stored.clear()
+                    if isinstance(item, tuple) and isinstance(item[0], StepRecord):  # a step someone waits for
+                        try:
+                            self._end_step(item[0])
+                        finally:
+                            item[1].set()
+                    elif isinstance(item, StepRecord):
+                        self._end_step(item)
                     else:
                         for entry, tensor, same_as in item[0]:
                             self._store(entry, tensor, same_as)
@@ -109,8 +118,15 @@ class DumpWriter:
         finally:
             self._manifest.close()
 
+    def _end_step(self, record: StepRecord) -> None:
+        self._commit()
+        self._write_line(record.to_json())
+        self._stored.clear()
+
     def _release(self, item: Any) -> None:
-        if isinstance(item, tuple) and item[1]:
+        if isinstance(item, tuple) and isinstance(item[1], threading.Event):
+            item[1].set()  # a waited step after a failure: the capturing thread learns of it from the error
+        elif isinstance(item, tuple) and item[1]:
             with self._budget:
                 self._in_flight -= item[1]
                 self._budget.notify_all()
