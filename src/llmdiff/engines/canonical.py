@@ -107,3 +107,20 @@ def fused_sizes(config: dict[str, Any]) -> tuple[int, int, int]:
     heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
     head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     return heads * head_dim, kv_heads * head_dim, int(config["intermediate_size"])
+
+
+def fused_projections(layer: str, qkv: Ref, gate_up: Ref, sizes: tuple[int, int, int]) -> dict[tuple[str, str], Source]:
+    """q/k/v and gate/up points of ``layer`` taken from an engine's fused ``qkv_proj``/``gate_up_proj``
+    (their input is the fused module's input, their output one chunk of its output's last dimension)."""
+    q, kv, inter = sizes
+    attn, mlp = f"{layer}.self_attn", f"{layer}.mlp"
+    sources: dict[tuple[str, str], Source] = {
+        (f"{mlp}.act_fn", "input"): Source((gate_up,), "split", (inter, inter), 0),  # transformers' act_fn input
+    }
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        sources[f"{attn}.{name}", "input"] = one(f"{attn}.qkv_proj", "input", "0")
+        sources[f"{attn}.{name}", "output"] = Source((qkv,), "split", (q, kv, kv), i)
+    for i, name in enumerate(("gate_proj", "up_proj")):
+        sources[f"{mlp}.{name}", "input"] = one(f"{mlp}.gate_up_proj", "input", "0")
+        sources[f"{mlp}.{name}", "output"] = Source((gate_up,), "split", (inter, inter), i)
+    return sources

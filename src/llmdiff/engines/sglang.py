@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmdiff.engines.canonical import LOGITS, Ref, Source, fused_sizes, one
+from llmdiff.engines.canonical import LOGITS, Ref, Source, fused_projections, fused_sizes, one
 
 
 def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:
     """Where SGLang's dumps hold each canonical point. ``config`` gives the fused projections' widths."""
-    q, kv, inter = fused_sizes(config)
+    sizes = fused_sizes(config)
     sources: dict[tuple[str, str], Source] = {
         ("model.embed_tokens", "input"): one("model.embed_tokens", "input", "0"),
         ("model.embed_tokens", "output"): one("model.embed_tokens", "output"),
@@ -47,17 +47,11 @@ def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, st
             (mlp, "input"): one(mlp, "input", "0"),
             # the decoder layer's own output is the MLP's: dumped for every layer even when the MLP is not
             (mlp, "output"): Source((Ref(mlp, "output", ""), Ref(layer, "output", ""))),
-            (f"{mlp}.act_fn", "input"): Source((gate_up,), "split", (inter, inter), 0),
             (f"{mlp}.down_proj", "input"): one(f"{mlp}.down_proj", "input", "0"),
             (f"{mlp}.down_proj", "output"): one(f"{mlp}.down_proj", "output", "", "0"),
             (layer, "output"): leaving(n),
         })
-        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            sources[f"{attn}.{name}", "input"] = one(f"{attn}.qkv_proj", "input", "0")
-            sources[f"{attn}.{name}", "output"] = Source((qkv,), "split", (q, kv, kv), i)
-        for i, name in enumerate(("gate_proj", "up_proj")):
-            sources[f"{mlp}.{name}", "input"] = one(f"{mlp}.gate_up_proj", "input", "0")
-            sources[f"{mlp}.{name}", "output"] = Source((gate_up,), "split", (inter, inter), i)
+        sources.update(fused_projections(layer, qkv, gate_up, sizes))
     sources["model.norm", "input"] = Source((Ref("model.norm", "input", "0"), Ref("model.norm", "input", "1")), "sum")
     sources["model.norm", "output"] = one("model.norm", "output", "0", "")
     sources["lm_head", "input"] = one("logits_processor", "input", "1")  # every token's hidden state: rows

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from llmdiff.engines.canonical import LOGITS, Ref, Source, fused_sizes, one
+from llmdiff.engines.canonical import LOGITS, Ref, Source, fused_projections, fused_sizes, one
 
 if TYPE_CHECKING:
     from llmdiff.capture.session import Capture
@@ -226,7 +226,7 @@ def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, st
     vLLM has no ``act_fn`` output of its own (``SiluAndMul`` returns ``act(gate) * up``, the
     ``down_proj`` input), so that point stays one-sided.
     """
-    q, kv, inter = fused_sizes(config)
+    sizes = fused_sizes(config)
     sources: dict[tuple[str, str], Source] = {
         ("model.embed_tokens", "input"): one("model.embed_tokens", "input", "0"),
         ("model.embed_tokens", "output"): one("model.embed_tokens", "output"),
@@ -254,17 +254,11 @@ def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, st
             (f"{layer}.post_attention_layernorm", "output"): one(f"{layer}.post_attention_layernorm", "output", "0"),
             (mlp, "input"): one(mlp, "input", "0"),
             (mlp, "output"): one(mlp, "output", "", "0"),
-            (f"{mlp}.act_fn", "input"): Source((gate_up,), "split", (inter, inter), 0),
             (f"{mlp}.down_proj", "input"): one(f"{mlp}.down_proj", "input", "0"),
             (f"{mlp}.down_proj", "output"): one(f"{mlp}.down_proj", "output", "0"),
             (layer, "output"): stream(n),
         })
-        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            sources[f"{attn}.{name}", "input"] = one(f"{attn}.qkv_proj", "input", "0")
-            sources[f"{attn}.{name}", "output"] = Source((qkv,), "split", (q, kv, kv), i)
-        for i, name in enumerate(("gate_proj", "up_proj")):
-            sources[f"{mlp}.{name}", "input"] = one(f"{mlp}.gate_up_proj", "input", "0")
-            sources[f"{mlp}.{name}", "output"] = Source((gate_up,), "split", (inter, inter), i)
+        sources.update(fused_projections(layer, qkv, gate_up, sizes))
     sources["model.norm", "input"] = stream(layers - 1)
     sources["model.norm", "output"] = one("model.norm", "output", "0", "")
     sources["lm_head", "input"] = one("logits_processor", "input", "1", layout="logits")
