@@ -11,7 +11,10 @@ The peers are installed into their own cached venv (``$LLMDIFF_CACHE/bench-peers
    it, after a warm-up; the ratio is taken within each process, medians over repetitions, tools
    interleaved. Every tool captures every module, inputs and outputs, all steps.
 2. Bytes on disk per captured step, from the same runs.
-3. Compare throughput: float32 and bfloat16 runs (prefill + M tokens) dumped by each tool, compared
+3. msProbe's own benchmark shape (a random transformers Llama, hidden 512, 8 layers, 10 forward passes
+   of a 128-token prompt, 1 thread): llmdiff statistics, tensors and op-level statistics against
+   msProbe's statistics (L0), each in a fresh process, interleaved.
+4. Compare throughput: float32 and bfloat16 runs (prefill + M tokens) dumped by each tool, compared
    by each tool's compare (``llmdiff compare``, ``msprobe compare``, ``msit llm compare``) and by
    llmdiff reading the peers' dumps; GB/s of dump data read, peak RSS of the compare process.
 """
@@ -97,11 +100,11 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def worker(python: Path, tool: str, mode: str, model_dir: Path, out: Path, tokens: int, threads: int,
-           dtype: str = "float32") -> dict[str, float]:
+def worker(python: Path, tool: str, mode: str, model_dir: Path | str, out: Path, tokens: int, threads: int,
+           dtype: str = "float32", *extra: str) -> dict[str, float]:
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
     cmd = [str(python), str(WORKER), tool, mode, str(model_dir), str(out), "--tokens", str(tokens),
-           "--threads", str(threads), "--dtype", dtype]
+           "--threads", str(threads), "--dtype", dtype, *extra]
     _, _, stdout = run_with_peak(cmd, env)
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -127,6 +130,29 @@ def capture_table(peers: Path, model_dir: Path, work: Path, tokens: int, reps: i
             shutil.rmtree(out, ignore_errors=True)
     return {"ratio": {k: statistics.median(v) for k, v in ratios.items()},
             "reps": {k: len(v) for k, v in ratios.items()}, "bytes_per_step": per_step}
+
+
+#: msProbe's own benchmark shape (random Llama, hidden 512, 8 layers, 10 passes of 128 tokens, 1 thread)
+PREFILL_RUNS = [("llmdiff", "stats", "module"), ("llmdiff", "tensor", "module"), ("llmdiff", "stats", "op"),
+                ("msprobe", "stats", "module")]
+
+
+def prefill_table(peers: Path, work: Path, reps: int) -> dict:
+    ratios: dict[str, list[float]] = {}
+    per_pass: list[float] = []
+    for rep in range(reps):
+        for tool, mode, level in PREFILL_RUNS:
+            python = Path(sys.executable) if tool == "llmdiff" else peers
+            out = work / f"prefill-{tool}-{mode}-{level}-{rep}"
+            r = worker(python, tool, mode, "-", out, 0, 1, "float32", "--workload", "prefill", "--level", level)
+            name = f"{tool} {mode}" + (" (ops)" if level == "op" else "")
+            ratios.setdefault(name, []).append(r["tool_s"] / r["none_s"])
+            per_pass.append(r["none_s"] / 10)
+            print(f"  prefill {name} rep {rep}: {r['tool_s']:.2f}s vs {r['none_s']:.2f}s no capture",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+    return {"ratio": {k: statistics.median(v) for k, v in ratios.items()}, "runs": {k: v for k, v in ratios.items()},
+            "pass_ms": 1e3 * statistics.median(per_pass)}
 
 
 def _msit_process_dir(root: Path) -> Path:
@@ -184,6 +210,7 @@ def main() -> None:
     try:
         results = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "threads": args.threads,
                    "tokens": args.tokens, "compare_tokens": args.compare_tokens,
+                   "prefill": prefill_table(peers, work, args.reps),
                    "capture": capture_table(peers, model_dir, work, args.tokens, args.reps, args.threads),
                    "compare": compare_table(peers, model_dir, work, args.compare_tokens, args.threads)}
     finally:
@@ -194,6 +221,12 @@ def main() -> None:
 
 def report(r: dict) -> None:
     print(f"llmdiff vs msProbe vs msIT, {r['date']}, {r['cpus']} CPUs, torch threads {r['threads']}, SmolLM2-135M")
+    pre = r["prefill"]
+    print(f"\ncapture overhead, msProbe's benchmark shape (random Llama hidden 512, 8 layers, 10 passes of 128 "
+          f"tokens, 1 thread, {pre['pass_ms']:.0f} ms a pass; every module; ratio to no capture, same process):")
+    for name, ratio in pre["ratio"].items():
+        runs = ", ".join(f"{x:.2f}" for x in pre["runs"][name])
+        print(f"  {name:<22}{ratio:>7.2f}x   (runs: {runs})")
     print(f"\ncapture overhead (prefill + {r['tokens']} tokens, every module; ratio to no capture, same process):")
     print(f"  {'tool':<18}{'ratio':>8}{'per step':>12}{'runs':>6}")
     cap = r["capture"]
@@ -206,6 +239,8 @@ def report(r: dict) -> None:
         print(f"  {name:<26}{c['bytes'] / 1e6:>9.0f}{c['seconds']:>9.1f}{c['gb_per_s']:>8.3f}{c['peak_rss_mb']:>9.0f}")
     ours = cap["ratio"]
     print("\nratios:")
+    print(f"  prefill capture, stats: llmdiff {pre['ratio']['llmdiff stats']:.2f}x vs msProbe "
+          f"{pre['ratio']['msprobe stats']:.2f}x")
     print(f"  capture, stats:  llmdiff {ours['llmdiff stats']:.2f}x vs msProbe {ours['msprobe stats']:.2f}x")
     print(f"  capture, tensor: llmdiff {ours['llmdiff tensor']:.2f}x vs msIT {ours['msit tensor']:.2f}x "
           f"vs msProbe {ours['msprobe tensor']:.2f}x")

@@ -103,6 +103,14 @@ def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
     out["baseline_rss_mb"] = json.loads(subprocess.check_output([sys.executable, "-c", base]))["peak_rss_mb"]
     out["bytes"] = folder_bytes(golden) + folder_bytes(target)
     out["gb_per_s"] = out["bytes"] / out["seconds"] / 1e9
+    # The whole command, process start included: most of a short compare is importing torch.
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "llmdiff", "compare", str(golden), str(target)], check=False,
+                   stdout=subprocess.DEVNULL)
+    out["cli_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, llmdiff.cli"], check=True)
+    out["import_seconds"] = time.perf_counter() - start
     return out
 
 
@@ -177,6 +185,9 @@ def report(results: dict) -> None:
             print(f"\n{name}: {c['bytes'] / 1e6:.0f} MB of dumps, {c['entries']} entries in {c['seconds']:.2f}s = "
                   f"{c['gb_per_s']:.3f} GB/s; peak RSS {c['peak_rss_mb']:.0f} MB "
                   f"(baseline after import {c['baseline_rss_mb']:.0f} MB)")
+            print(f"  `llmdiff compare` command, process start included: {c['cli_seconds']:.2f}s = "
+                  f"{c['bytes'] / c['cli_seconds'] / 1e9:.3f} GB/s, of which {c['import_seconds']:.2f}s is "
+                  "starting Python and importing torch")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ def entries_by_name(dump):
     return {(e.step, e.name): e for e in dump.entries}
 
 
-def test_capture_does_not_change_outputs(model, prompt, tmp_path):
+@pytest.mark.parametrize("mode,level", [("tensor", "module"), ("stats", "module"), ("stats", "mix")])
+def test_capture_does_not_change_outputs(model, prompt, tmp_path, mode, level):
     reference = generate(model, prompt, 5)
     with torch.no_grad():
         logits = model(prompt).logits
-    with llmdiff.capture(model, tmp_path / "run", steps="all", hash=True):
+    with llmdiff.capture(model, tmp_path / "run", steps="all", hash=True, mode=mode, level=level):
         captured = generate(model, prompt, 5)
         with torch.no_grad():
             captured_logits = model(prompt).logits
@@ -254,19 +255,76 @@ def test_writer_back_pressure_keeps_everything(tmp_path):
     assert dump.load(dump.entries[37]).tolist() == [37.0] * 100
 
 
-def test_batched_statistics_equal_one_by_one():
-    from llmdiff.capture.stats import batch_stats, tensor_stats
+def _reference_stats(t: torch.Tensor) -> dict:
+    # float64 arithmetic, two passes: an independent reference for the fast reductions
+    x = (torch.view_as_real(t) if t.is_complex() else t).reshape(-1).double()
+    finite = x[torch.isfinite(x)]
+    if finite.numel() == 0:
+        return {"min": None, "max": None, "mean": None, "std": None, "norm": None if x.numel() else 0.0,
+                "nan": int(torch.isnan(x).sum()), "inf": int(torch.isinf(x).sum())}
+    return {"min": finite.min().item(), "max": finite.max().item(), "mean": finite.mean().item(),
+            "std": finite.std(correction=0).item(), "norm": finite.norm().item(),
+            "nan": int(torch.isnan(x).sum()), "inf": int(torch.isinf(x).sum())}
+
+
+def test_statistics_match_a_float64_reference():
+    from llmdiff.capture.stats import CHUNK, SEGMENT_MAX, batch_stats, tensor_stats
 
     torch.manual_seed(0)
-    tensors = [torch.randn(5, 7), torch.tensor([34519, 1, 9690]), torch.randn(3).to(torch.bfloat16), torch.empty(0),
-               torch.tensor([1.0, float("nan"), 3.0]), torch.full((4,), 2.5, dtype=torch.float64)]
-    for batched, alone in zip(batch_stats(tensors), [tensor_stats(t) for t in tensors], strict=True):
-        assert batched.keys() == alone.keys()
-        for key in alone:
-            if alone[key] is None:
-                assert batched[key] is None, key
-            else:
-                assert batched[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
+    tensors = [torch.randn(5, 7), torch.randn(5, 7), torch.tensor([34519, 1, 9690]), torch.randn(3).to(torch.bfloat16),
+               torch.empty(0), torch.tensor([1.0, float("nan"), 3.0, float("inf")]),
+               torch.full((4,), 2.5, dtype=torch.float64), torch.tensor([True, False, True]),
+               torch.randn(6, dtype=torch.complex64),
+               torch.randn(SEGMENT_MAX + 1) * 1e-3 + 1.0,  # |mean| >> std: no cancellation in the spread
+               torch.randn(3 * CHUNK + 17) * 2 + 5,  # several chunks
+               torch.randn(CHUNK + 5).to(torch.bfloat16) - 3, torch.arange(CHUNK * 2),
+               torch.full((9,), torch.finfo(torch.float32).min),  # attention masks: a float32 sum overflows
+               torch.full((SEGMENT_MAX + 3,), torch.finfo(torch.float32).max),
+               torch.ones(SEGMENT_MAX * 2)]
+    batched = batch_stats(tensors)
+    for t, got in zip(tensors, batched, strict=True):
+        for stats in (got, tensor_stats(t)):
+            want = _reference_stats(t)
+            assert stats.keys() == want.keys()
+            for key, value in want.items():
+                if value is None:
+                    assert stats[key] is None, key
+                else:
+                    assert stats[key] == pytest.approx(value, rel=2e-6, abs=1e-6 * (abs(want["mean"] or 0) + 1)), \
+                        (tuple(t.shape), t.dtype, key)
+    assert batched[-1]["std"] == 0.0
+
+
+def test_statistics_are_read_back_once_per_step(tmp_path, monkeypatch):
+    # On an accelerator every read-back is a device synchronisation: statistics of a step's tensors stay
+    # on the device and come back in one transfer (this runs the same code on CPU, and counts).
+    from llmdiff.capture import session
+    from llmdiff.testing import tiny_llama
+
+    model, ids = tiny_llama(layers=3), torch.tensor([[3, 17, 42, 99, 5]])
+    reads = []
+    real = session.read_back
+    monkeypatch.setattr(session, "read_back", lambda table: reads.append(len(table)) or real(table))
+    calls = {"item": 0, "tolist": 0}
+    for name in calls:
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _method=method):
+            calls[_name] += 1
+            return _method(self, *a)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with torch.no_grad():
+        model(ids)
+    baseline = dict(calls)
+    with llmdiff.capture(model, tmp_path / "d", steps="all", mode="stats") as run, torch.no_grad():
+        for _ in range(4):
+            model(ids)
+    dump = llmdiff.open_dump(tmp_path / "d")
+    assert len(dump.steps) == 4 and len(dump.entries) > 100 and run.internal_errors == 0
+    assert len(reads) == 4
+    # per step: one statistics read-back and the step's token ids, whatever the number of tensors
+    assert calls["item"] == 4 * baseline["item"]
+    assert calls["tolist"] - 4 * baseline["tolist"] == 4 * 2
 
 
 def test_batched_statistics_keep_integers_exact_beside_bf16():

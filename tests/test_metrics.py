@@ -98,7 +98,7 @@ def test_allclose_and_thresholds_override():
 
 
 def test_batched_pair_stats_equal_one_by_one():
-    """Small pairs are measured together in the compare engine: every statistic must equal pair_stats'."""
+    """Small pairs are measured together in the compare engine: every statistic must equal the reference's."""
     torch.manual_seed(0)
     shapes = [(1, 6, 64), (64,), (1, 1, 128), (3, 4, 5), (1,), (2, 2), (1, 6, 16), (0,), (7,)]
     pairs = []
@@ -117,9 +117,54 @@ def test_batched_pair_stats_equal_one_by_one():
         if k == 19:
             g, t = torch.zeros(3, 4), torch.ones(3, 4)
         pairs.append((g, t, 1e-3 * (k % 2), 1e-5))
-    for i, (one, batched) in enumerate(zip([M.pair_stats(*p) for p in pairs], M.pair_stats_batch(pairs),
+    for i, (one, batched) in enumerate(zip([M.reference_pair_stats(*p) for p in pairs], M.pair_stats_batch(pairs),
                                                 strict=True)):
         for name in ("n", "gg", "tt", "gt", "dd", "max_abs", "sum_abs", "max_rel", "mismatches",
                      "nonfinite_mismatch", "worst_row_rel_l2", "rel_above"):
             a, b = getattr(one, name), getattr(batched, name)
             assert a == b or (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-9)), (i, name, a, b)
+
+
+def test_fused_pair_stats_equal_the_reference_path(monkeypatch):
+    """Large pairs are measured by fused torch reductions over cache-sized chunks: every statistic must
+    equal the NumPy reference path's (up to float32 summation order), and pairs it cannot take fall back."""
+    torch.manual_seed(0)
+    cases = [torch.randn(1, 300, 576), torch.randn(2, 7, 1000) * 1e-20, torch.randn(200_000, dtype=torch.float64),
+             torch.randn(40_000) + 100.0, torch.zeros(3, 5000), torch.randn(1, 3, 49152)]
+    monkeypatch.setattr(M, "FUSED_CHUNK", 20_000)  # several chunks, rows kept whole
+    for k, g in enumerate(cases):
+        for t in ((g + 1e-3 * torch.randn_like(g)).to(torch.bfloat16), g + 1e-6 * torch.randn_like(g), g.clone()):
+            for rtol, atol in ((0.0, 0.0), (1e-3, 1e-5)):
+                fused, ref = M.fused_pair_stats(g, t, rtol, atol), M.reference_pair_stats(g, t, rtol, atol)
+                assert fused is not None
+                for name in ("n", "gg", "tt", "gt", "dd", "max_abs", "sum_abs", "max_rel", "worst_row_rel_l2"):
+                    a, b = getattr(ref, name), getattr(fused, name)
+                    assert math.isclose(a, b, rel_tol=2e-5, abs_tol=1e-300), (k, name, a, b)
+                # counts of values at a threshold may differ by the few that float32 rounding moves across it
+                assert abs(fused.mismatches - ref.mismatches) <= max(2, 1e-5 * g.numel()), k
+                for thr in M.REL_THRESHOLDS:
+                    assert abs(fused.rel_above[thr] - ref.rel_above[thr]) <= max(2, 1e-5 * g.numel()), (k, thr)
+    nan = torch.randn(100)
+    nan[3] = float("nan")
+    huge = torch.randn(100)
+    huge[0] = 3e38
+    for g, t in ((nan, nan.clone()), (torch.randn(100), nan), (huge, huge.clone()), (torch.empty(0), torch.empty(0))):
+        assert M.fused_pair_stats(g, t) is None  # the reference path takes these
+        M.pair_stats(g, t)
+
+
+def test_logits_metrics_in_one_pass_equal_the_per_position_functions(monkeypatch):
+    torch.manual_seed(1)
+    g = torch.randn(1, 150, 300)
+    t = (g + 0.05 * torch.randn_like(g)).to(torch.bfloat16)
+    monkeypatch.setattr(M, "LOGIT_ROWS", 64)  # three blocks, the last one short
+    summary = M.logits_metrics(g, t)
+    kl = M.kl_per_position(g, t)
+    diff = M.logprob_diff_per_position(g, t, M.top1_per_position(t))
+    assert summary["kl"] == pytest.approx(float(kl.mean()), rel=1e-12)
+    assert summary["kl_max"] == pytest.approx(float(kl.max()), rel=1e-12)
+    assert summary["logprob_diff_max"] == pytest.approx(float(diff.max()), rel=1e-12)
+    assert summary["logprob_diff_mean"] == pytest.approx(float(diff.mean()), rel=1e-12)
+    agree = (M.top1_per_position(g) == M.top1_per_position(t)).double().mean()
+    assert summary["top1_agree"] == pytest.approx(float(agree))
+    assert summary["golden_margin"] == pytest.approx(float(M.top1_margin_per_position(g)[-1]))

@@ -7,7 +7,7 @@ Tuples and lists give indices (``"0.1"``), mappings give keys, dataclasses and H
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,20 +15,30 @@ import torch
 _MAX_DEPTH = 8
 
 
-def flatten(obj: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor inside ``obj`` with its dotted path, in a stable order."""
+def flatten(obj: Any) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor inside ``obj`` with its dotted path, in a stable order."""
+    if isinstance(obj, torch.Tensor):  # the common cases first: hooks run this for every module call
+        return [("", obj)]
+    found: list[tuple[str, torch.Tensor]] = []
+    if type(obj) is tuple and all(isinstance(v, torch.Tensor) for v in obj):
+        return [(str(i), v) for i, v in enumerate(obj)]
+    _walk(obj, "", 0, found)
+    return found
+
+
+def _walk(obj: Any, path: str, depth: int, found: list[tuple[str, torch.Tensor]]) -> None:
     if isinstance(obj, torch.Tensor):
-        yield path, obj
+        found.append((path, obj))
         return
     if depth >= _MAX_DEPTH:
         return
     if isinstance(obj, Mapping):  # includes transformers' ModelOutput, an OrderedDict of set fields
         items: Any = ((str(k), v) for k, v in obj.items())
     elif isinstance(obj, (tuple, list)):
-        items = ((str(i), v) for i, v in enumerate(obj))
+        items = enumerate(obj)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         items = ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
     else:
         return
     for key, value in items:
-        yield from flatten(value, f"{path}.{key}" if path else key, depth + 1)
+        _walk(value, f"{path}.{key}" if path else str(key), depth + 1, found)

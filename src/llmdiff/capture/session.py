@@ -30,7 +30,8 @@ from torch.utils.hooks import RemovableHandle
 
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
-from llmdiff.capture.stats import batch_stats, content_hash, tensor_stats
+from llmdiff.capture.staging import Arena
+from llmdiff.capture.stats import SEGMENT_MAX, content_hash, read_back, reduce_rows, row_stats, tensor_stats
 from llmdiff.config import (
     CaptureConfig,
     config_from_mapping,
@@ -47,9 +48,8 @@ from llmdiff.store.writer import DumpWriter
 
 _active: list[Capture] = []
 
-#: Tensors up to this many elements get their statistics computed together at the end of a step.
-BATCH_STATS_MAX = 1 << 12
-#: Copies waiting for their statistics are handed to the writer at the latest at this many bytes.
+#: Copies waiting for their statistics are reduced, read back and handed to the writer at the latest at this
+#: many bytes (and at each step's end); statistics-only copies live in reusable memory of this size.
 FLUSH_BYTES = 64 << 20
 
 
@@ -152,6 +152,7 @@ class Capture:
         self._in_scope = False
         self._handles: list[RemovableHandle] = []
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._hooked: dict[int, str] = {}  # id(module) -> path, for the hooks (the hooks keep the modules attached)
         self._models: list[dict[str, str]] = []
         self._model_index: dict[int, int] = {}
         self._writer: DumpWriter | None = None
@@ -168,6 +169,7 @@ class Capture:
         self._module_selected: dict[str, bool] = {}
         self._pending: list[tuple[Entry, torch.Tensor | None, int | None, bool]] = []
         self._pending_bytes = 0
+        self._staging = Arena(FLUSH_BYTES)
         self._pinned_calls = any(p.call is not None for p in self.config.modules)
         self._module_stack: list[str] = []
         self._busy = False  # the capture's own torch calls are not ops of the model
@@ -241,6 +243,7 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self._names = weakref.WeakKeyDictionary()
+        self._hooked = {}
         if self in _active:
             _active.remove(self)
 
@@ -254,6 +257,7 @@ class Capture:
             self._end_step()
         try:
             self._flush()  # entries of a step cut short stay readable as unfinished
+            self._staging.release()
             if self._writer is not None:
                 self._writer.close()
         finally:
@@ -335,7 +339,7 @@ class Capture:
         for name, module in root.named_modules():
             if module in self._names:
                 continue
-            self._names[module] = name
+            self._names[module] = self._hooked[id(module)] = name
             # Op-level capture names an op by the module running it, so it hooks every module; the callers
             # of a selected shared module are hooked too (not recorded) so that its calls can name them.
             if (module is root or cfg.level != "module" or name in callers
@@ -391,7 +395,7 @@ class Capture:
             elif self.auto_step:
                 self._begin_step(args, kwargs)
         self._depth += 1
-        name = self._names.get(module, type(module).__name__)
+        name = self._hooked.get(id(module), type(module).__name__)
         call = self._calls[name] = self._calls.get(name, -1) + 1
         # A module shared by several callers (vLLM's one rotary_emb for every layer) records who called it.
         caller = self._module_stack[-1] if self._module_stack else None
@@ -414,7 +418,7 @@ class Capture:
         self._depth -= 1
         if self._module_stack:
             self._module_stack.pop()
-        name = self._names.get(module, type(module).__name__)
+        name = self._hooked.get(id(module), type(module).__name__)
         if id(module) in self._kwargs_pending:
             self._kwargs_pending.discard(id(module))
             if self._depth == 0 and self.auto_step and self._token_ids is None:
@@ -530,26 +534,31 @@ class Capture:
     # -- recording --------------------------------------------------------------------------------------
     def _record_all(self, module: nn.Module, name: str, call: int, part: str, value: Any,
                     caller: str | None = None) -> None:
+        if type(value) in (tuple, dict) and not value:
+            return  # no positional arguments, no keyword arguments: the common case, kept cheap
+        type_name = type(module).__name__
         for path, tensor in flatten(value):
-            self._record(name, type(module).__name__, call, part, path, tensor, caller)
+            self._record(name, type_name, call, part, path, tensor, caller)
 
     def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor,
                 caller: str | None = None) -> None:
+        # Runs for every captured tensor: kept to plain attribute reads and one copy.
         cfg = self.config
-        device = str(tensor.device)
-        if not cfg.selects_device(device):
+        where = tensor.device
+        device = _DEVICE_NAMES.get(where) or _device_name(where)
+        if cfg.devices and not cfg.selects_device(device):
             return
-        if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        if where.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self._graph_capture_seen = True
             return
-        self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
-        entry = Entry(seq=self._seq, rank=self._rank(), step=self.current_step, module=module, type=type_name,
-                      call=call, part=part, path=path, shape=list(tensor.shape), dtype=_dtype_name(tensor.dtype),
-                      device=device, stats=None, caller=caller)
+        if self._writer is None:
+            self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
+        entry = Entry(self._seq, self.rank or 0, self.current_step, module, type_name, call, part, path,
+                      list(tensor.shape), _dtype_name(tensor.dtype), device, None, caller=caller)
         self._seq += 1
         self._step_entries += 1
         self.entries += 1
-        if tensor.layout != torch.strided or tensor.device.type == "meta":
+        if tensor.layout != torch.strided or where.type == "meta":
             entry.note = f"not recorded: {tensor.layout} tensor on {device}"
             self._pending.append((entry, None, None, False))
             return
@@ -565,39 +574,36 @@ class Capture:
         if too_big and cfg.mode == "tensor":
             entry.note = f"stats only: {tensor.numel()} elements > max_tensor_size {cfg.max_tensor_size}"
         keep = cfg.mode == "tensor" and not too_big
-        if not keep and tensor.numel() > BATCH_STATS_MAX:
-            entry.stats = self._stats(tensor)  # large and statistics only: no copy needed
-            self._pending.append((entry, None, None, False))
-            return
-        copy = tensor.detach().clone()  # what the model does next cannot change what was recorded
+        # What the model does next cannot change what was recorded. A copy that is only reduced to
+        # statistics goes into reusable memory; one that is stored gets its own.
+        copy = None if keep or tensor.numel() <= SEGMENT_MAX else self._staging.copy(tensor)
+        if copy is None:
+            if not keep and tensor.numel() > SEGMENT_MAX and self._pending:
+                self._flush()  # the staging memory is full: read back what it holds, then reuse it
+                copy = self._staging.copy(tensor)
+            if copy is None:
+                copy = tensor.detach().clone()
         self._pending.append((entry, copy, None, keep))
         self._pending_bytes += copy.numel() * copy.element_size()
         if self._pending_bytes >= FLUSH_BYTES:
             self._flush()
 
-    def _stats(self, tensor: torch.Tensor) -> dict[str, Any]:
-        stats = tensor_stats(tensor)
-        if self.config.hash:
-            stats["hash"] = content_hash(tensor)
-        return stats
-
     def _flush(self) -> None:
-        """Compute the pending entries' statistics (small tensors in one batch) and hand them to the writer."""
+        """Compute the pending entries' statistics (one read-back per device) and hand them to the writer."""
         if not self._pending:
             return
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         by_device: dict[torch.device, list[tuple[Entry, torch.Tensor]]] = {}
         for entry, copy, _, _ in pending:
-            if copy is not None and copy.numel() <= BATCH_STATS_MAX:
+            if copy is not None:
                 by_device.setdefault(copy.device, []).append((entry, copy))
         for items in by_device.values():
-            for (entry, copy), stats in zip(items, batch_stats([c for _, c in items]), strict=True):
-                entry.stats = stats
+            rows = read_back(reduce_rows([copy for _, copy in items]))
+            for (entry, copy), row in zip(items, rows, strict=True):
+                entry.stats = row_stats(row, copy) or tensor_stats(copy)  # NaN/Inf: exact counts
                 if self.config.hash:
-                    stats["hash"] = content_hash(copy)
-        for entry, copy, _, _ in pending:
-            if copy is not None and entry.stats is None:
-                entry.stats = self._stats(copy)
+                    entry.stats["hash"] = content_hash(copy)
+        self._staging.reset()
         self._ensure_writer().add([(entry, copy if keep else None, same_as)
                                    for entry, copy, same_as, keep in pending])
 
@@ -675,6 +681,12 @@ def _claim_process_folder(run_dir: Path) -> tuple[Path, int]:
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
+_DEVICE_NAMES: dict[torch.device, str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    name = _DEVICE_NAMES[device] = str(device)
+    return name
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,80 +1,188 @@
-"""Per-tensor statistics, computed on the tensor's own device in few passes.
+"""Per-tensor statistics: reduced on the tensor's own device, read back to the host once per batch.
 
-The common case (all values finite) costs three reductions: ``aminmax``, ``var_mean`` and one
-``isfinite().all()``; the L2 norm is derived from mean and variance. Only a tensor that holds NaN or
-Inf pays for counting them and for statistics over its finite values.
+A capture records hundreds of tensors per step. Reducing each one and reading its numbers back at
+once would cost one device synchronisation per tensor (and, on CPU, torch's slow ``var_mean`` and
+``isfinite`` passes were most of the capture's overhead). Instead each tensor becomes a *row* of
+device scalars, ``min, max, sum, m2`` (``m2``: the sum of squared deviations from the mean), made
+of the fast vectorised reductions ``aminmax``, ``sum`` and ``dot``:
+
+* :func:`reduce_rows` turns a list of tensors into one ``[k, 4]`` table on their device: small
+  tensors of equal size stacked into a matrix and reduced row-wise, large ones chunk by chunk
+  through a reusable scratch buffer (no allocation per tensor);
+* :func:`read_back` moves a table to the host: the only device-to-host transfer of statistics;
+* :func:`row_stats` turns a row into the statistics written to the manifest, or returns None when
+  the row shows NaN or Inf. Only then is :func:`tensor_stats` (exact counts, statistics over the
+  finite values) run on that tensor.
+
+The CPU path and the accelerator path are the same code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+#: Tensors up to this many elements are reduced together, as the rows of one matrix per dtype and size.
+SEGMENT_MAX = 1 << 12
+#: Larger tensors are reduced in chunks of this many elements through a scratch buffer.
+CHUNK = 1 << 18
 
-def _floats(t: torch.Tensor) -> torch.Tensor:
-    # Reductions of bf16/fp16 values are done in fp32, of fp64 in fp64, of integers and bools in fp64.
-    if t.dtype in (torch.float32, torch.float64):
-        return t
-    if t.is_floating_point():
-        return t.float()
-    return t.double()
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch_for(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    buf = _scratch.get((device, dtype))
+    if buf is None:
+        with torch.inference_mode(False):  # usable in and out of inference mode (vLLM runs in it)
+            buf = _scratch[(device, dtype)] = torch.empty(CHUNK, device=device, dtype=dtype)
+    return buf
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 are reduced in fp32, fp64 in fp64, integers and bools in fp64 (exact below 2**53).
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32 if dtype.is_floating_point else torch.float64
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
+
+
+def _reduce_large(x: torch.Tensor) -> list[torch.Tensor]:
+    """[min, max, sum, m2] of a flat tensor as 0-d device tensors, m2 combined over chunks (Chan et al.)."""
+    work = _work_dtype(x.dtype)
+    scratch = _scratch_for(x.device, work)
+    lo, hi = torch.aminmax(x) if x.dtype.is_floating_point else torch.aminmax(x.to(work))
+    sums, m2s, sizes = [], [], []
+    for start in range(0, x.numel(), CHUNK):
+        chunk = x[start:start + CHUNK]
+        n = chunk.numel()
+        buf = scratch[:n]
+        if chunk.dtype != work:
+            buf.copy_(chunk)
+            chunk = buf
+        total = chunk.sum()
+        torch.sub(chunk, total / n, out=buf)  # centred: no cancellation when |mean| >> std
+        sums.append(total)
+        m2s.append(torch.dot(buf, buf))
+        sizes.append(n)
+    if len(sums) == 1:
+        return [lo, hi, sums[0], m2s[0]]
+    chunk_sums, chunk_m2 = torch.stack(sums).double(), torch.stack(m2s).double()
+    counts = torch.tensor(sizes, dtype=torch.float64, device=x.device)
+    total = chunk_sums.sum()
+    spread = chunk_sums / counts - total / x.numel()
+    return [lo, hi, total, chunk_m2.sum() + (counts * spread * spread).sum()]
+
+
+def _reduce_group(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A [k, 4] table of small tensors of one dtype and shape, stacked into one matrix: a few row-wise
+    reductions in all, whatever k is (decode steps are hundreds of tensors of a handful of shapes)."""
+    matrix = torch.stack(tensors)
+    if matrix.is_complex():
+        matrix = torch.view_as_real(matrix)
+    matrix = matrix.reshape(len(tensors), -1)
+    if not matrix.is_floating_point():
+        matrix = matrix.to(torch.float64)
+    elif matrix.dtype not in (torch.float32, torch.float64):
+        matrix = matrix.float()
+    lo, hi = torch.aminmax(matrix, dim=1)
+    total = matrix.sum(dim=1)
+    deviation = matrix - (total / matrix.shape[1]).unsqueeze(1)
+    m2 = (deviation * deviation).sum(dim=1)
+    return torch.stack([lo, hi, total, m2], dim=1).to(torch.float64)
+
+
+def reduce_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One ``[len(tensors), 4]`` float64 table (min, max, sum, m2) on the tensors' device, without any
+    device synchronisation. The tensors must share a device; empty ones give rows of NaN."""
+    if not tensors:
+        return torch.empty(0, 4, dtype=torch.float64)
+    device = tensors[0].device
+    groups: dict[tuple[torch.dtype, torch.Size], list[int]] = {}
+    scalars: list[torch.Tensor] = []
+    large: list[int] = []
+    empty: list[int] = []
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if n == 0:
+            empty.append(i)
+        elif n <= SEGMENT_MAX:
+            groups.setdefault((t.dtype, t.shape), []).append(i)
+        else:
+            large.append(i)
+            scalars.extend(s.to(torch.float64) for s in _reduce_large(_flat(t)))
+    order: list[int] = []
+    parts: list[torch.Tensor] = []
+    for indices in groups.values():
+        order.extend(indices)
+        parts.append(_reduce_group([tensors[i].detach() for i in indices]))
+    if large:
+        order.extend(large)
+        parts.append(torch.stack(scalars).reshape(-1, 4))
+    if empty:
+        order.extend(empty)
+        parts.append(torch.full((len(empty), 4), math.nan, dtype=torch.float64, device=device))
+    table = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if order != list(range(len(tensors))):
+        inverse = [0] * len(order)
+        for row, i in enumerate(order):
+            inverse[i] = row
+        table = table[torch.tensor(inverse, device=device)]
+    return table
+
+
+def read_back(table: torch.Tensor) -> list[list[float]]:
+    """The statistics table on the host: the one device-to-host transfer per batch of tensors."""
+    rows: list[list[float]] = table.tolist()
+    return rows
+
+
+def row_stats(row: Sequence[float], tensor: torch.Tensor) -> dict[str, Any] | None:
+    """The manifest statistics of ``tensor`` from its row, or None when the row shows NaN or Inf (then
+    :func:`tensor_stats` counts them exactly and reduces the finite values)."""
+    lo, hi, total, m2 = row
+    numel = tensor.numel() * (2 if tensor.is_complex() else 1)  # a complex value is reduced as two reals
+    if numel == 0 or not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(total) and math.isfinite(m2)):
+        return None
+    mean = total / numel
+    var = max(m2 / numel, 0.0)
+    return {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(var),
+            "norm": math.sqrt(max(m2, 0.0) + numel * mean * mean), "nan": 0, "inf": 0}
 
 
 def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
-    """min, max, mean, population std, L2 norm, NaN and Inf counts of ``t`` as plain Python numbers."""
+    """min, max, mean, population std, L2 norm, NaN and Inf counts of ``t`` as plain Python numbers.
+
+    The slow path, for any tensor: with NaN/Inf present, the other statistics are over the finite values."""
     n = t.numel()
     if n == 0:
         return {"min": None, "max": None, "mean": None, "std": None, "norm": 0.0, "nan": 0, "inf": 0}
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    x = _floats(t.detach()).reshape(-1)
+    # float64: finite float32 values near the dtype's limit (attention masks of finfo.min) overflow a float32 sum
+    x = _flat(t).to(torch.float64)
     nan = inf = 0
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not bool(torch.isfinite(x).all()):
         nan = int(torch.isnan(x).sum())
         inf = int(torch.isinf(x).sum())
         x = x[torch.isfinite(x)]
         if x.numel() == 0:
             return {"min": None, "max": None, "mean": None, "std": None, "norm": None, "nan": nan, "inf": inf}
-    lo, hi = torch.aminmax(x)
-    var, mean = torch.var_mean(x, correction=0)
-    packed = torch.stack([lo.double(), hi.double(), mean.double(), var.double()]).tolist()
-    lo_v, hi_v, mean_v, var_v = packed
-    var_v = max(var_v, 0.0)
-    norm = math.sqrt(x.numel() * (var_v + mean_v * mean_v))
-    return {"min": lo_v, "max": hi_v, "mean": mean_v, "std": math.sqrt(var_v), "norm": norm, "nan": nan, "inf": inf}
+    stats = row_stats(read_back(reduce_rows([x]))[0], x)
+    assert stats is not None  # x holds finite values only
+    stats.update(nan=nan, inf=inf)
+    return stats
 
 
-def batch_stats(tensors: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """:func:`tensor_stats` of many small tensors of one device with a handful of reductions in all.
-
-    A decode step yields hundreds of tensors of a few thousand elements each; reducing them one by
-    one costs more in per-call overhead than in arithmetic. Here they are concatenated (in float64)
-    and reduced per segment. Tensors that hold NaN/Inf, are empty or complex take the one-by-one path.
-    """
-    results: list[dict[str, Any] | None] = [None] * len(tensors)
-    batch = [i for i, t in enumerate(tensors) if t.numel() and not t.is_complex()]
-    if batch:
-        # float64 before concatenating: cat would promote int64 ids and float32 values to a bf16 neighbour
-        flat = torch.cat([tensors[i].detach().reshape(-1).to(torch.float64) for i in batch])
-        lengths = torch.tensor([tensors[i].numel() for i in batch], device=flat.device)
-        table = torch.stack([
-            torch.segment_reduce(flat, "min", lengths=lengths),
-            torch.segment_reduce(flat, "max", lengths=lengths),
-            torch.segment_reduce(flat, "sum", lengths=lengths),
-            torch.segment_reduce(flat * flat, "sum", lengths=lengths),
-            torch.segment_reduce((~torch.isfinite(flat)).to(torch.float64), "sum", lengths=lengths),
-        ], dim=1).tolist()
-        for i, (lo, hi, total, squares, bad) in zip(batch, table, strict=True):
-            if bad:
-                continue
-            n = tensors[i].numel()
-            mean = total / n
-            var = max(squares / n - mean * mean, 0.0)
-            results[i] = {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(var), "norm": math.sqrt(squares),
-                          "nan": 0, "inf": 0}
+def batch_stats(tensors: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """:func:`tensor_stats` of many tensors of one device, with one read-back for all finite ones."""
+    rows = read_back(reduce_rows(tensors))
+    results = [row_stats(row, t) for row, t in zip(rows, tensors, strict=True)]
     return [r if r is not None else tensor_stats(t) for r, t in zip(results, tensors, strict=True)]
 
 

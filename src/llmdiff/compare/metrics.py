@@ -21,8 +21,10 @@ counted in ``nonfinite_mismatch``, which fails any comparison.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,8 +97,109 @@ def _measured(g: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0, atol: float = 0.0) -> PairStats:
-    """Gather :class:`PairStats` in two passes (the relative-error floor needs the golden's rms first);
-    ``mismatches`` counts elements failing ``|t - g| <= atol + rtol * |g|``.
+    """Gather :class:`PairStats` of a pair: the fused torch path (:func:`fused_pair_stats`) when both
+    sides are finite real floats, else the reference path (:func:`reference_pair_stats`)."""
+    fast = fused_pair_stats(golden, target, rtol, atol)
+    return fast if fast is not None else reference_pair_stats(golden, target, rtol, atol)
+
+
+#: Elements per chunk of the fused path: its scratch buffers stay in the core's cache between passes.
+FUSED_CHUNK = 1 << 18
+_scratch = threading.local()  # the compare runs pairs in a thread pool: one set of buffers per thread
+
+
+def _buffers(count: int, size: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    key = (dtype, device)
+    held: dict[Any, list[torch.Tensor]] = getattr(_scratch, "buffers", None) or {}
+    _scratch.buffers = held
+    bufs = held.get(key)
+    if bufs is None or bufs[0].numel() < size:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            bufs = held[key] = [torch.empty(max(size, FUSED_CHUNK), dtype=dtype, device=device)
+                                for _ in range(count)]
+    return bufs
+
+
+def _in(x: torch.Tensor, dtype: torch.dtype, buf: torch.Tensor) -> torch.Tensor:
+    if x.dtype == dtype:
+        return x
+    out = buf[:x.numel()]
+    out.copy_(x)
+    return out
+
+
+def fused_pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0,
+                     atol: float = 0.0) -> PairStats | None:
+    """:class:`PairStats` from fast vectorised torch reductions (BLAS dot products for the sums of
+    squares) over cache-sized chunks, with two read-backs in all; the same numbers as
+    :func:`reference_pair_stats` up to float rounding. None when a side holds NaN/Inf or values whose
+    squares overflow, or is complex or empty: those pairs take the reference path."""
+    if golden.is_complex() or target.is_complex() or golden.numel() == 0 or golden.numel() != target.numel():
+        return None
+    dtype = compute_dtype(golden.dtype, target.dtype)
+    g_all, t_all = golden.detach().reshape(-1), target.detach().reshape(-1)
+    n, row = g_all.numel(), _row_length(golden)
+    size = min(n, max(1, FUSED_CHUNK // row) * row if row else FUSED_CHUNK)
+    g_buf, t_buf, d_buf, a_buf, x_buf = _buffers(5, size, dtype, g_all.device)
+    single = n <= size
+    sums: list[torch.Tensor] = []  # gg, tt, gt, dd, sum |d|, max |d|, mismatches of each chunk
+    row_g: list[torch.Tensor] = []
+    row_d: list[torch.Tensor] = []
+
+    def chunk(start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = _in(g_all[start:start + size], dtype, g_buf)
+        t = _in(t_all[start:start + size], dtype, t_buf)
+        return g, t, torch.sub(t, g, out=d_buf[:g.numel()])
+
+    for start in range(0, n, size):
+        g, t, d = chunk(start)
+        if row:
+            row_g.append(torch.linalg.vector_norm(g.view(-1, row), dim=1))
+            row_d.append(torch.linalg.vector_norm(d.view(-1, row), dim=1))
+        parts = [torch.dot(g, g), torch.dot(t, t), torch.dot(g, t), torch.dot(d, d)]
+        abs_d = d.abs_()
+        abs_g = torch.abs(g, out=a_buf[:g.numel()])
+        allowed = torch.mul(abs_g, rtol, out=x_buf[:g.numel()]).add_(atol)
+        # comparisons written as 0/1 into a float buffer and summed: several times faster than bool tensors
+        parts += [abs_d.sum(), abs_d.max(), torch.gt(abs_d, allowed, out=allowed).sum()]
+        sums.append(torch.stack(parts))
+    table = torch.stack(sums).double()
+    gg, tt, gt, dd, sum_abs = table[:, :5].sum(0).tolist()
+    max_abs, mismatched = float(table[:, 5].max()), int(table[:, 6].sum())
+    if not all(math.isfinite(v) for v in (gg, tt, gt, dd, sum_abs, max_abs)) or max_abs > HUGE:
+        return None
+    s = PairStats(n=n, gg=gg, tt=tt, gt=gt, dd=dd, max_abs=max_abs, sum_abs=sum_abs, mismatches=mismatched)
+    floor = max(REL_FLOOR * math.sqrt(gg / n), float(torch.finfo(dtype).tiny))
+    second: list[torch.Tensor] = []
+    for start in range(0, n, size):
+        if single:
+            abs_g, abs_d = a_buf[:n], d_buf[:n]  # still there from the first pass
+        else:
+            g, _, d = chunk(start)
+            abs_d, abs_g = d.abs_(), torch.abs(g, out=a_buf[:g.numel()])
+        rel = abs_d.div_(abs_g.clamp_(min=floor))
+        flags = x_buf[:rel.numel()]
+        second.append(torch.stack([rel.max()] + [torch.gt(rel, thr, out=flags).sum() for thr in REL_THRESHOLDS]))
+    if row_g:
+        gg_rows, dd_rows = torch.cat(row_g).double().square(), torch.cat(row_d).double().square()
+        row_floor = REL_FLOOR**2 * gg_rows.mean()
+        rows = torch.where(row_floor > 0, (dd_rows / torch.maximum(gg_rows, row_floor)).sqrt(), dd_rows.sqrt())
+        worst = rows.max().reshape(1)
+    else:
+        worst = torch.full((1,), -1.0, dtype=torch.float64, device=g_all.device)
+    rel_table = torch.stack(second).double()
+    values = torch.cat([rel_table[:, 0].max().reshape(1), rel_table[:, 1:].sum(0), worst]).tolist()
+    s.max_rel = values[0]
+    s.rel_above = {thr: int(v) for thr, v in zip(REL_THRESHOLDS, values[1:-1], strict=True)}
+    s.worst_row_rel_l2 = values[-1] if values[-1] >= 0 else rel_l2(s)
+    return s
+
+
+def reference_pair_stats(golden: torch.Tensor, target: torch.Tensor, rtol: float = 0.0,
+                         atol: float = 0.0) -> PairStats:
+    """Gather :class:`PairStats` in two NumPy passes (the relative-error floor needs the golden's rms
+    first); ``mismatches`` counts elements failing ``|t - g| <= atol + rtol * |g|``. Handles every
+    case (NaN/Inf on either side, overflowing squares); the fused path is held equal to it by tests.
 
     Tensors of two or more dimensions are also measured row by row (a row is one vector of the last
     dimension: one token position of a hidden state): ``worst_row_rel_l2`` is the largest relative
@@ -270,6 +373,28 @@ def logprob_diff_per_position(golden: torch.Tensor, target: torch.Tensor, tokens
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def _per_position(golden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """KL, both top-1 tokens and |Δ log p| of the target's token at each position, in one blocked pass
+    (one float64 log-softmax per side and block: what :func:`kl_per_position` and
+    :func:`logprob_diff_per_position` compute separately)."""
+    g_all, t_all = positions(golden), positions(target)
+    kl, g_top, t_top, diff = [], [], [], []
+    for start in range(0, g_all.shape[0], LOGIT_ROWS):
+        g, t = g_all[start:start + LOGIT_ROWS], t_all[start:start + LOGIT_ROWS]
+        tokens_g, tokens_t = g.argmax(-1), t.argmax(-1)
+        log_p, log_q = torch.log_softmax(g.double(), -1), torch.log_softmax(t.double(), -1)
+        index = tokens_t.reshape(-1, 1)
+        diff.append((log_p.gather(1, index) - log_q.gather(1, index)).abs().reshape(-1))
+        log_q.neg_().add_(log_p)  # log p - log q, in place: these blocks are 25 MB each
+        kl.append(log_q.mul_(log_p.exp_()).nan_to_num_(0.0).sum(-1).clamp_min(0.0))
+        g_top.append(tokens_g)
+        t_top.append(tokens_t)
+    if not kl:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty.long(), empty.long(), empty
+    return torch.cat(kl), torch.cat(g_top), torch.cat(t_top), torch.cat(diff)
+
+
 def logits_metrics(golden: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Per-position KL, top-1 agreement and the golden's top-1 margin, summarized over positions.
 
@@ -277,22 +402,18 @@ def logits_metrics(golden: torch.Tensor, target: torch.Tensor) -> dict[str, floa
     positions with the same argmax; ``golden_margin``, ``last_logit_err`` and the tokens describe the
     last position, the one ``generate`` takes the next token from.
     """
-    kl = kl_per_position(golden, target)
-    g_top, t_top = top1_per_position(golden), top1_per_position(target)
-    margin = top1_margin_per_position(golden)
-    g_last, t_last = positions(golden)[-1].double(), positions(target)[-1].double()
-    logprob_diff = logprob_diff_per_position(golden, target, t_top)
-    return {
-        "kl": float(kl.mean()),
-        "kl_max": float(kl.max()),
-        "logprob_diff_max": float(logprob_diff.max()),
-        "logprob_diff_mean": float(logprob_diff.mean()),
-        "top1_agree": float((g_top == t_top).double().mean()),
-        "golden_margin": float(margin[-1]),
-        "last_logit_err": float((t_last - g_last).abs().max()),
-        "golden_token": int(g_top[-1]),
-        "target_token": int(t_top[-1]),
-    }
+    kl, g_top, t_top, logprob_diff = _per_position(golden, target)
+    g_last, t_last = positions(golden)[-1:], positions(target)[-1:]
+    margin = top1_margin_per_position(g_last)
+    values = torch.stack([kl.mean(), kl.max(), logprob_diff.max(), logprob_diff.mean(),
+                          (g_top == t_top).double().mean(), margin[-1].double(),
+                          (t_last.double() - g_last.double()).abs().max(),
+                          g_top[-1].double(), t_top[-1].double()]).tolist()  # one read-back
+    names = ("kl", "kl_max", "logprob_diff_max", "logprob_diff_mean", "top1_agree", "golden_margin",
+             "last_logit_err")
+    out: dict[str, float] = dict(zip(names, values[:7], strict=True))
+    out["golden_token"], out["target_token"] = int(values[7]), int(values[8])
+    return out
 
 
 #: Metrics where a larger value is better (a threshold on them is a minimum).
@@ -335,7 +456,7 @@ def pair_stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]
     if batch:
         for i, s in zip(batch, _batch_stats(pairs, batch, g_all, t_all, abs_g, abs_d, sizes, starts), strict=True):
             out[i] = s
-    return [s if s is not None else pair_stats(*pairs[i]) for i, s in enumerate(out)]
+    return [s if s is not None else reference_pair_stats(*pairs[i]) for i, s in enumerate(out)]
 
 
 def _batch_stats(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], batch: list[int], g: np.ndarray,

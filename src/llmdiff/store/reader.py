@@ -1,13 +1,14 @@
 """Read an llmdiff dump back: entries in execution order, finished steps, and what could not be trusted.
 
-Reading never executes code from the dump: metadata is JSON and tensor data is safetensors, opened
-memory-mapped one file at a time. Lines that are torn, steps that never finished and shards that are
+Reading never executes code from the dump: metadata is JSON and tensor data is safetensors, small
+shards read whole and large ones tensor by tensor. Lines that are torn, steps that never finished and shards that are
 missing or half-written are left out of ``entries`` and listed in ``problems`` instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -29,6 +30,7 @@ from llmdiff.store.schema import (
     Entry,
     RecordError,
     StepRecord,
+    decode_line,
 )
 
 #: Shards kept open or in memory at once, and the bytes of those read whole (least recently used go first).
@@ -118,7 +120,7 @@ class Dump:
                 if size <= SMALL_SHARD:  # one read beats thousands of small lookups
                     handle = safetensors.torch.load(file.read_bytes())
                 else:
-                    handle, size = safe_open(str(file), framework="pt"), 0
+                    handle, size = _LargeShard(file), 0
             except (OSError, SafetensorError) as exc:
                 raise DumpError(f"cannot read {file}: {exc}") from None
             with self._lock:
@@ -134,6 +136,8 @@ class Dump:
             return handle[entry.data["key"]] if isinstance(handle, dict) else handle.get_tensor(entry.data["key"])
         except (KeyError, SafetensorError) as exc:
             raise DumpError(f"{entry.data['file']}: no tensor {entry.data['key']!r} ({exc})") from None
+        except (OSError, ValueError) as exc:
+            raise DumpError(f"{entry.data['file']}: cannot read tensor {entry.data['key']!r} ({exc})") from None
 
     def close(self) -> None:
         with self._lock:
@@ -175,6 +179,44 @@ def read_json_file(path: Path, problems: list[str], root: Path) -> dict[str, Any
     return data
 
 
+#: safetensors' dtype names (what its header holds) for the dtypes llmdiff writes
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64, "C128": torch.complex128}
+
+
+class _LargeShard:
+    """A large shard read one tensor at a time with positioned reads into fresh memory.
+
+    safetensors' ``safe_open`` memory-maps the file, and every page a compare touches then counts as the
+    process's memory until the shard is closed: comparing two 256 MB shards held 1.7 GB. Reads keep the
+    memory to the tensors in use. The header layout is safetensors' documented one (8-byte length, JSON
+    of dtype, shape and byte range per tensor); it was validated by ``safe_open`` when the dump was opened.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self._file = open(file, "rb")  # noqa: SIM115 - closed when the handle is dropped
+        length = int.from_bytes(self._file.read(8), "little")
+        self._header: dict[str, Any] = json.loads(self._file.read(length))
+        self._base = 8 + length
+        self._fallback: Any = None
+        self._path = file
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self._header.get(key) if key != "__metadata__" else None
+        if not isinstance(info, dict):
+            raise KeyError(key)
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype", ""))
+        if dtype is None:  # a dtype llmdiff does not write (float8...): safetensors reads it
+            self._fallback = self._fallback or safe_open(str(self._path), framework="pt")
+            return self._fallback.get_tensor(key)  # type: ignore[no-any-return]
+        start, end = info["data_offsets"]
+        data = torch.empty(end - start, dtype=torch.uint8)
+        if end > start and os.preadv(self._file.fileno(), [data.numpy()], self._base + start) != end - start:
+            raise ValueError("the shard is shorter than its header says")
+        return data.view(dtype).reshape(info["shape"])
+
+
 def _shard_readable(file: Path, root: Path) -> bool:
     if not (inside(file, root) and file.is_file()):
         return False
@@ -201,7 +243,7 @@ def read_process(folder: Path, problems: list[str], root: Path | None = None) ->
     with open(manifest, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                record = json.loads(raw)
+                record = decode_line(raw)
                 kind = record["kind"] if isinstance(record, dict) else None
                 parsed = (StepRecord.from_json(record) if kind == "step" else
                           Entry.from_json(record, process=folder.name) if kind == "entry" else None)
