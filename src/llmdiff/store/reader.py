@@ -209,12 +209,15 @@ class _LargeShard:
         dtype = _SAFETENSORS_DTYPES.get(info.get("dtype", ""))
         if dtype is None:  # a dtype llmdiff does not write (float8...): safetensors reads it
             self._fallback = self._fallback or safe_open(str(self._path), framework="pt")
-            return self._fallback.get_tensor(key)  # type: ignore[no-any-return]
+            tensor: torch.Tensor = self._fallback.get_tensor(key)
+            return tensor
         start, end = info["data_offsets"]
-        data = torch.empty(end - start, dtype=torch.uint8)
-        if end > start and os.preadv(self._file.fileno(), [data.numpy()], self._base + start) != end - start:
+        if end == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        data = bytearray(end - start)
+        if os.preadv(self._file.fileno(), [data], self._base + start) != end - start:
             raise ValueError("the shard is shorter than its header says")
-        return data.view(dtype).reshape(info["shape"])
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info["shape"])
 
 
 def _shard_readable(file: Path, root: Path) -> bool:
