@@ -112,12 +112,16 @@ def test_offline_multiprocess_capture_keeps_the_text_and_records_engine_steps(vl
     # one prefill, then a decode step per token; vLLM's async scheduling may run one step ahead of the end
     assert [s.step for s in steps] == list(range(len(steps))) and 2 <= len(steps) <= TOKENS + 1
     first = steps[0]
-    assert [r["arrival"] for r in first.requests] == [0, 1]
+    # Both prompts are sent at once, but vLLM's engine core (another process) may schedule the first one
+    # before the second has arrived: the second is then prefilled in the next step, beside the first's decode.
+    assert [r["arrival"] for r in first.requests] in ([0], [0, 1])
     assert all(r["computed"] == 0 and r["rows"] == r["prompt_tokens"] for r in first.requests)
-    assert [r["logits_row"] for r in first.requests] == [0, 1]
+    assert [r["logits_row"] for r in first.requests] == list(range(len(first.requests)))
+    assert {r["arrival"] for s in steps for r in s.requests if r["computed"] == 0} == {0, 1}
     for step in steps:
         check_request_rows(step)
-    assert all(r["rows"] == 1 for s in steps[1:] for r in s.requests)  # decode: one row per request
+    # decode: one row per request (a request that arrived late has its prefill rows instead)
+    assert all(r["rows"] == 1 or r["computed"] == 0 for s in steps[1:] for r in s.requests)
     rows = sum(r["rows"] for r in first.requests)
 
     def entry(module: str, where: str, step: int = 0) -> Entry:
@@ -128,7 +132,7 @@ def test_offline_multiprocess_capture_keeps_the_text_and_records_engine_steps(vl
 
     assert entry("model.layers.0.self_attn.qkv_proj", "output.0").shape == [rows, 960]  # (out, bias): bias is None
     assert entry("model.layers.0.self_attn", "kwarg.hidden_states").shape == [rows, 576]  # keyword-only call
-    assert entry("logits_processor", "output").shape == [2, 49152]
+    assert entry("logits_processor", "output").shape == [len(first.requests), 49152]
     # inference tensors, changed in place by the next fused add+norm, were copied when their hook fired
     hidden, residual = (dump.load(entry("model.layers.0", f"output.{i}")) for i in (0, 1))
     assert torch.equal(dump.load(entry("model.layers.1.input_layernorm", "input.0")), hidden)
