@@ -354,7 +354,7 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
         work = partial(comparer.results, pairs=pairs, tokens_differ=tokens_differ)
         # One thread: big chunks, so small pairs are measured in big batches; several: small chunks, to
         # spread the large tensors that made them worth having.
-        for result in _in_order(pool, pairs, work, 2 * workers, chunk=256 if workers == 1 else 32):
+        for result in _in_order(pool, pairs, work, 2 * workers, chunk=1024 if workers == 1 else 32):
             entries.append(result)
             if options.progress:
                 options.progress(len(entries), len(pairs))

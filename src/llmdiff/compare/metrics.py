@@ -426,82 +426,63 @@ BATCH_MAX = 1 << 14
 
 
 def pair_stats_batch(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]]) -> list[PairStats]:
-    """:func:`pair_stats` of many small (golden, target, rtol, atol) pairs in one vectorized pass.
+    """:func:`pair_stats` of many small (golden, target, rtol, atol) pairs, a few vectorized passes for all.
 
-    The decode steps of an LLM hold tens of thousands of tensors of a few thousand elements; measuring
-    them one by one is dominated by per-call overhead. Pairs holding NaN/Inf or huge values, empty
-    ones and float64 ones are measured by :func:`pair_stats` instead, so every result equals it
-    (up to the order of float64 summation).
+    The decode steps of an LLM hold tens of thousands of tensors of a handful of shapes; measuring them
+    one by one is dominated by per-call overhead. Pairs of one shape and dtypes are stacked into
+    matrices and reduced row-wise. Pairs holding NaN/Inf or huge values, empty ones and float64 ones are
+    measured by :func:`reference_pair_stats`, and every result equals it (up to the order of float64
+    summation).
     """
     out: list[PairStats | None] = [None] * len(pairs)
-    batch = [i for i, (g, t, _, _) in enumerate(pairs)
-             if g.numel() > 0 and g.dtype != torch.float64 and t.dtype != torch.float64
-             and g.is_floating_point() and t.is_floating_point()]
-    if batch:
-        g_all = torch.cat([pairs[i][0].detach().reshape(-1).to(torch.float32) for i in batch]).cpu().numpy()
-        t_all = torch.cat([pairs[i][1].detach().reshape(-1).to(torch.float32) for i in batch]).cpu().numpy()
-        sizes = np.array([pairs[i][0].numel() for i in batch])
-        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        with np.errstate(over="ignore", invalid="ignore"):
-            abs_g, abs_d = np.abs(g_all), np.abs(t_all - g_all)
-            unusual = ~np.isfinite(g_all) | ~np.isfinite(t_all) | (abs_g > HUGE) | ~(abs_d <= HUGE)
-        special = np.logical_or.reduceat(unusual, starts)
-        if special.any():  # measured one by one below
-            keep = ~special
-            batch = [i for i, k in zip(batch, keep, strict=True) if k]
-            mask = np.repeat(keep, sizes)
-            g_all, t_all, abs_g, abs_d = g_all[mask], t_all[mask], abs_g[mask], abs_d[mask]
-            sizes = sizes[keep]
-            starts = np.concatenate(([0], np.cumsum(sizes)[:-1])) if len(sizes) else sizes
-    if batch:
-        for i, s in zip(batch, _batch_stats(pairs, batch, g_all, t_all, abs_g, abs_d, sizes, starts), strict=True):
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (g, t, _, _) in enumerate(pairs):
+        if (g.numel() > 0 and g.dtype != torch.float64 and t.dtype != torch.float64 and g.is_floating_point()
+                and t.is_floating_point() and g.shape == t.shape):
+            groups.setdefault((g.shape, g.dtype, t.dtype), []).append(i)
+    for indices in groups.values():
+        for i, s in zip(indices, _group_stats([pairs[i] for i in indices]), strict=True):
             out[i] = s
     return [s if s is not None else reference_pair_stats(*pairs[i]) for i, s in enumerate(out)]
 
 
-def _batch_stats(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], batch: list[int], g: np.ndarray,
-                 t: np.ndarray, abs_g: np.ndarray, abs_d: np.ndarray, sizes: np.ndarray,
-                 starts: np.ndarray) -> list[PairStats]:
-    f64 = np.float64
-    gg_e = g * g
-    gg = np.add.reduceat(gg_e, starts, dtype=f64)
-    tt = np.add.reduceat(t * t, starts, dtype=f64)
-    gt = np.add.reduceat(g * t, starts, dtype=f64)
-    dd_e = abs_d * abs_d
-    dd = np.add.reduceat(dd_e, starts, dtype=f64)
-    sum_abs = np.add.reduceat(abs_d, starts, dtype=f64)
-    max_abs = np.maximum.reduceat(abs_d, starts)
-    rtol = np.repeat(np.array([pairs[i][2] for i in batch], dtype=np.float32), sizes)
-    atol = np.repeat(np.array([pairs[i][3] for i in batch], dtype=np.float32), sizes)
-    mismatched = np.add.reduceat((abs_d > atol + rtol * abs_g).astype(np.int64), starts)
-    floor = np.maximum(REL_FLOOR * np.sqrt(gg / sizes), float(np.finfo(np.float32).tiny))  # as pair_stats
-    rel = abs_d / np.maximum(abs_g, np.repeat(floor.astype(np.float32), sizes))
-    max_rel = np.maximum.reduceat(rel, starts)
-    above = {thr: np.add.reduceat((rel > thr).astype(np.int64), starts) for thr in REL_THRESHOLDS}
-    # Worst row: rows are the last dimension of tensors of two or more dimensions with several rows.
-    row_len = np.array([_row_length(pairs[i][0]) for i in batch])
-    worst = np.full(len(batch), -1.0)
-    has_rows = row_len > 0
-    if has_rows.any():
-        # Every segment is cut into rows (one row when it has no row structure), so no sum runs into the next.
-        step = np.where(has_rows, row_len, sizes)
-        rows_per = (sizes // step).astype(np.int64)
-        row_starts = np.concatenate([np.arange(s, s + n, r) for s, n, r in zip(starts, sizes, step, strict=True)])
-        row_gg = np.add.reduceat(gg_e, row_starts, dtype=f64)
-        row_dd = np.add.reduceat(dd_e, row_starts, dtype=f64)
-        first_row = np.concatenate(([0], np.cumsum(rows_per)[:-1]))
-        row_floor = REL_FLOOR**2 * np.add.reduceat(row_gg, first_row) / rows_per
-        row_floor_e = np.repeat(row_floor, rows_per)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rows = np.where(row_floor_e > 0, np.sqrt(row_dd / np.maximum(row_gg, row_floor_e)), np.sqrt(row_dd))
-        worst = np.where(has_rows, np.maximum.reduceat(rows, first_row), -1.0)
-    stats = []
-    for k in range(len(batch)):
-        s = PairStats(n=int(sizes[k]), gg=float(gg[k]), tt=float(tt[k]), gt=float(gt[k]), dd=float(dd[k]),
-                      max_abs=float(max_abs[k]), sum_abs=float(sum_abs[k]), max_rel=float(max_rel[k]),
-                      rel_above={thr: int(above[thr][k]) for thr in REL_THRESHOLDS},
-                      mismatches=int(mismatched[k]))
-        s.worst_row_rel_l2 = float(worst[k]) if worst[k] >= 0 else rel_l2(s)
+def _group_stats(group: list[tuple[torch.Tensor, torch.Tensor, float, float]]) -> list[PairStats | None]:
+    """Statistics of pairs of one shape, rows of a [pairs, elements] matrix: element-wise work in float32
+    and sums in float64, as the reference path. None for a pair the reference path must measure."""
+    k, f64 = len(group), torch.float64
+    g = torch.stack([p[0].detach() for p in group]).reshape(k, -1).float()
+    t = torch.stack([p[1].detach() for p in group]).reshape(k, -1).float()
+    n = g.shape[1]
+    abs_g, abs_d = g.abs(), (t - g).abs_()
+    gg_e, dd_e = g * g, abs_d * abs_d
+    gg = gg_e.sum(1, dtype=f64)
+    rtol = torch.tensor([[p[2]] for p in group], dtype=torch.float32)
+    atol = torch.tensor([[p[3]] for p in group], dtype=torch.float32)
+    floor = torch.clamp(REL_FLOOR * torch.sqrt(gg / n), min=float(torch.finfo(torch.float32).tiny))
+    rel = abs_d / torch.maximum(abs_g, floor.float().unsqueeze(1))
+    columns = [gg, (t * t).sum(1, dtype=f64), (g * t).sum(1, dtype=f64), dd_e.sum(1, dtype=f64),
+               abs_d.sum(1, dtype=f64), abs_d.amax(1).double(), (abs_d > atol + rtol * abs_g).sum(1).double(),
+               rel.amax(1).double(), *((rel > thr).sum(1).double() for thr in REL_THRESHOLDS),
+               # NaN/Inf or |values| whose squares overflow float32: left to the reference path
+               (~(abs_g.amax(1) <= HUGE) | ~(abs_d.amax(1) <= HUGE)).double()]
+    row = _row_length(group[0][0])
+    if row:
+        row_gg = gg_e.reshape(k, -1, row).sum(-1, dtype=f64)
+        row_dd = dd_e.reshape(k, -1, row).sum(-1, dtype=f64)
+        row_floor = (REL_FLOOR**2 * row_gg.mean(1)).unsqueeze(1)
+        rows = torch.where(row_floor > 0, torch.sqrt(row_dd / torch.maximum(row_gg, row_floor)), torch.sqrt(row_dd))
+        columns.append(rows.amax(1))
+    table = torch.stack(columns, dim=1).tolist()  # one read-back for the whole group
+    stats: list[PairStats | None] = []
+    for values in table:
+        gg_v, tt_v, gt_v, dd_v, sum_abs, max_abs, mismatched, max_rel, *above = values[:8 + len(REL_THRESHOLDS)]
+        if values[8 + len(REL_THRESHOLDS)]:
+            stats.append(None)
+            continue
+        s = PairStats(n=n, gg=gg_v, tt=tt_v, gt=gt_v, dd=dd_v, max_abs=max_abs, sum_abs=sum_abs, max_rel=max_rel,
+                      rel_above={thr: int(c) for thr, c in zip(REL_THRESHOLDS, above, strict=True)},
+                      mismatches=int(mismatched))
+        s.worst_row_rel_l2 = values[-1] if row else rel_l2(s)
         stats.append(s)
     return stats
 
