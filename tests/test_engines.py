@@ -210,3 +210,34 @@ def test_a_shared_module_names_its_callers_when_only_it_is_captured(tmp_path):
         serve(runner)
     entries = llmdiff.open_dump(tmp_path / "d").entries
     assert {(e.module, e.call, e.caller) for e in entries} == {("layers.0.rotary", 1, "layers.1")}
+
+
+def test_parallel_layout_reads_vllm_module_attributes():
+    # Stand-ins named like vLLM's parallel layers: the layout comes from their attributes, not from shapes.
+    from llmdiff.engines.vllm import parallel_layout
+
+    class ColumnParallelLinear(nn.Module):
+        def __init__(self, sizes: list[int]) -> None:
+            super().__init__()
+            self.tp_rank, self.tp_size, self.gather_output = 1, 3, False
+            self.output_partition_sizes = sizes
+
+    class QKVParallelLinear(ColumnParallelLinear):
+        def __init__(self) -> None:
+            super().__init__([192, 64, 64])
+            self.num_heads, self.num_kv_heads, self.head_size = 3, 1, 64
+
+    class RowParallelLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tp_rank, self.tp_size, self.input_size_per_partition, self.reduce_results = 1, 3, 512, True
+
+    model = nn.ModuleDict({"qkv": QKVParallelLinear(), "up": ColumnParallelLinear([512]), "down": RowParallelLinear(),
+                           "norm": nn.LayerNorm(4)})
+    layout = parallel_layout(model)
+    assert set(layout) == {"qkv", "up", "down"}
+    assert layout["qkv"] == {"kind": "qkv", "class": "QKVParallelLinear", "tp_rank": 1, "tp_size": 3,
+                             "output_partition_sizes": [192, 64, 64], "gather_output": False, "num_heads": 3,
+                             "num_kv_heads": 1, "head_size": 64, "shard_dim": -1}
+    assert layout["up"]["kind"] == "column" and layout["up"]["shard_dim"] == -1
+    assert layout["down"]["kind"] == "row" and layout["down"]["shard_dim"] == -1

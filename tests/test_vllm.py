@@ -332,3 +332,51 @@ def test_demo_engine_vllm(vllm_bin, tmp_path):
     assert "MATCH" in healthy
     assert "DIVERGED" in planted and "culprit" in planted
     assert "model.layers.7.mlp.gate_up_proj (= model.layers.7.mlp.up_proj)" in planted
+
+
+def test_tensor_parallel_capture_writes_every_rank_with_its_parallel_layout(vllm_bin, model_dir, plain_texts,
+                                                                          tmp_path):
+    # TP=3 (SmolLM2's 9 heads and 3 KV heads divide by 3, not by 2): three Worker processes, one folder each.
+    out = run([vllm_bin / "llmdiff", "run", "-o", tmp_path / "tp3", "--steps", "all", "--", vllm_bin / "python",
+               EXAMPLES / "vllm_tp.py", model_dir, "--tp", 3, "--tokens", TOKENS], engine_env(vllm_bin), tmp_path,
+              timeout=900)
+    assert texts_of(out) == plain_texts[False]  # greedy text of TP=3 under capture equals TP=1's without
+    assert sorted(p.name for p in (tmp_path / "tp3").iterdir() if p.is_dir()) == ["rank0", "rank1", "rank2"]
+    dump = llmdiff.open_dump(tmp_path / "tp3")
+    assert not dump.problems
+    steps = {r: [(s.step, s.token_ids) for s in dump.steps if s.rank == r] for r in range(3)}
+    assert len(steps[0]) >= 2 and steps[0] == steps[1] == steps[2]  # the ranks' steps line up, same tokens
+    for process in dump.processes:
+        rank = process.info["rank"]
+        engine = process.info["models"][0]["engine"]
+        assert (engine["tp_rank"], engine["tp_size"]) == (rank, 3)
+        layout = engine["parallel"]
+        qkv = layout["model.layers.0.self_attn.qkv_proj"]
+        assert (qkv["kind"], qkv["tp_rank"], qkv["tp_size"], qkv["shard_dim"]) == ("qkv", rank, 3, -1)
+        assert qkv["output_partition_sizes"] == [192, 64, 64] and (qkv["num_heads"], qkv["num_kv_heads"]) == (3, 1)
+        gate_up = layout["model.layers.0.mlp.gate_up_proj"]
+        assert gate_up["kind"] == "merged_column" and gate_up["output_partition_sizes"] == [512, 512]
+        down = layout["model.layers.0.mlp.down_proj"]
+        assert down["kind"] == "row" and down["input_size_per_partition"] == 512 and down["reduce_results"] is True
+        embed = layout["model.embed_tokens"]
+        assert embed["kind"] == "vocab_embedding" and embed["vocab_range"] == [rank * 16384, (rank + 1) * 16384]
+        assert layout["lm_head"]["kind"] == "lm_head"
+        mine = [e for e in dump.entries if e.process == process.folder.name and e.step == 0]
+        qkv_out = next(e for e in mine if e.module == "model.layers.0.self_attn.qkv_proj" and e.part == "output")
+        o_out = next(e for e in mine if e.module == "model.layers.0.self_attn.o_proj" and e.part == "output")
+        assert qkv_out.shape[-1] == 320 and o_out.shape[-1] == 576  # a shard of q/k/v; the reduced sum
+    def per_rank(module: str, path: str) -> list[torch.Tensor]:
+        return [dump.load(e) for e in dump.entries if e.step == 0 and e.part == "output" and e.path == path
+                and e.module == module]
+
+    # Outputs all-reduced on every rank agree, but not bit for bit: vLLM's CPU all-reduce sums the ranks'
+    # parts in an order of each rank's own (measured: 1 ulp of the largest value). The embedding (one rank's
+    # rows plus zeros) and the gathered logits are exact.
+    for module in ("model.layers.0.self_attn.o_proj", "model.layers.29.mlp.down_proj"):
+        outputs = per_rank(module, "0")
+        assert len(outputs) == 3
+        budget = 4 * torch.finfo(torch.float32).eps * float(outputs[0].abs().max())
+        assert all(float((x - outputs[0]).abs().max()) <= budget for x in outputs[1:]), module
+    for module, path in (("model.embed_tokens", ""), ("logits_processor", "")):
+        outputs = per_rank(module, path)
+        assert len(outputs) == 3 and all(torch.equal(outputs[0], x) for x in outputs[1:]), module

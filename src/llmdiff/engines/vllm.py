@@ -135,6 +135,9 @@ class VllmSteps:
         if callable(config):
             values = config()
             info["config"] = {k: values[k] for k in _CONFIG_KEYS if k in values}
+        layout = parallel_layout(self.model)
+        if layout:
+            info["parallel"] = layout
         return info
 
     # -- steps ---------------------------------------------------------------------------------------
@@ -215,6 +218,50 @@ def _int_list(value: Any) -> list[int] | None:
 
 
 # -- canonical points (what a cross-engine compare pairs) -------------------------------------------------
+
+#: vLLM's tensor-parallel layer classes (found in a module's class hierarchy) and what their kind means for
+#: the tensors a hook sees: ``column`` splits the output's last dimension (``qkv`` and ``merged_column``
+#: into the listed per-rank parts), ``row`` takes a split input and returns the reduced (replicated)
+#: output, ``vocab_embedding`` returns reduced rows, ``lm_head`` is only a weight (logits are gathered).
+_PARALLEL_KINDS = (("QKVParallelLinear", "qkv"), ("MergedColumnParallelLinear", "merged_column"),
+                   ("ColumnParallelLinear", "column"), ("RowParallelLinear", "row"),
+                   ("ParallelLMHead", "lm_head"), ("VocabParallelEmbedding", "vocab_embedding"))
+#: the attributes of those modules kept for an un-shard (only ints, bools and lists of ints)
+_PARALLEL_ATTRS = ("tp_rank", "tp_size", "input_size_per_partition", "output_size_per_partition",
+                   "output_partition_sizes", "gather_output", "reduce_results", "input_is_parallel",
+                   "total_num_heads", "total_num_kv_heads", "num_heads", "num_kv_heads", "head_size",
+                   "v_head_size", "num_kv_head_replicas", "num_embeddings", "num_embeddings_per_partition",
+                   "org_vocab_size", "embedding_dim")
+
+
+def parallel_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """For every tensor-parallel module of a vLLM model, by path: its parallel kind, rank, TP size and
+    partition sizes, read from the module's own attributes at capture time (never guessed from shapes)."""
+    layout: dict[str, dict[str, Any]] = {}
+    for path, module in model.named_modules():
+        classes = {c.__name__ for c in type(module).__mro__}
+        kind = next((k for name, k in _PARALLEL_KINDS if name in classes), None)
+        if kind is None:
+            continue
+        info: dict[str, Any] = {"kind": kind, "class": type(module).__name__}
+        for attr in _PARALLEL_ATTRS:
+            value = getattr(module, attr, None)
+            if isinstance(value, (bool, int)) or (isinstance(value, (list, tuple))
+                                                   and all(isinstance(v, int) for v in value)):
+                info[attr] = list(value) if isinstance(value, tuple) else value
+        shard = getattr(module, "shard_indices", None)  # the vocabulary range this rank holds
+        start, end = getattr(shard, "org_vocab_start_index", None), getattr(shard, "org_vocab_end_index", None)
+        if isinstance(start, int) and isinstance(end, int):
+            info["vocab_range"] = [start, end]
+        if kind in ("qkv", "merged_column", "column"):
+            info["shard_dim"] = None if info.get("gather_output") else -1  # of the output
+        elif kind == "row":
+            info["shard_dim"] = -1 if info.get("input_is_parallel", True) else None  # of the input
+        else:
+            info["shard_dim"] = 0  # of the weight: rows of the vocabulary
+        layout[path] = info
+    return layout
+
 
 def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:
     """Where vLLM's Llama-family modules hold each canonical point, and how to make it canonical.
