@@ -298,13 +298,13 @@ def test_statistics_match_a_float64_reference():
 def test_statistics_are_read_back_once_per_step(tmp_path, monkeypatch):
     # On an accelerator every read-back is a device synchronisation: statistics of a step's tensors stay
     # on the device and come back in one transfer (this runs the same code on CPU, and counts).
-    from llmdiff.capture import session
+    from llmdiff.capture import stats
     from llmdiff.testing import tiny_llama
 
     model, ids = tiny_llama(layers=3), torch.tensor([[3, 17, 42, 99, 5]])
     reads = []
-    real = session.read_back
-    monkeypatch.setattr(session, "read_back", lambda table: reads.append(len(table)) or real(table))
+    real = stats.read_back
+    monkeypatch.setattr(stats, "read_back", lambda table: reads.append(len(table)) or real(table))
     calls = {"item": 0, "tolist": 0}
     for name in calls:
         method = getattr(torch.Tensor, name)

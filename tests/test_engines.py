@@ -163,8 +163,7 @@ def test_a_capture_error_never_reaches_the_program(tmp_path, monkeypatch, model,
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(session, "reduce_rows", broken)
-    monkeypatch.setattr(session, "tensor_stats", broken)
+    monkeypatch.setattr(session, "batch_stats", broken)
     with torch.no_grad():
         expected = model(prompt).logits
     with warnings.catch_warnings(record=True) as caught:

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
 from llmdiff.capture.staging import Arena
-from llmdiff.capture.stats import SEGMENT_MAX, content_hash, read_back, reduce_rows, row_stats, tensor_stats
+from llmdiff.capture.stats import SEGMENT_MAX, batch_stats, content_hash
 from llmdiff.config import (
     CaptureConfig,
     config_from_mapping,
@@ -576,13 +576,14 @@ class Capture:
         keep = cfg.mode == "tensor" and not too_big
         # What the model does next cannot change what was recorded. A copy that is only reduced to
         # statistics goes into reusable memory; one that is stored gets its own.
-        copy = None if keep or tensor.numel() <= SEGMENT_MAX else self._staging.copy(tensor)
-        if copy is None:
-            if not keep and tensor.numel() > SEGMENT_MAX and self._pending:
+        copy = None
+        if not keep and tensor.numel() > SEGMENT_MAX:
+            copy = self._staging.copy(tensor)
+            if copy is None and self._pending:
                 self._flush()  # the staging memory is full: read back what it holds, then reuse it
                 copy = self._staging.copy(tensor)
-            if copy is None:
-                copy = tensor.detach().clone()
+        if copy is None:
+            copy = tensor.detach().clone()
         self._pending.append((entry, copy, None, keep))
         self._pending_bytes += copy.numel() * copy.element_size()
         if self._pending_bytes >= FLUSH_BYTES:
@@ -598,9 +599,8 @@ class Capture:
             if copy is not None:
                 by_device.setdefault(copy.device, []).append((entry, copy))
         for items in by_device.values():
-            rows = read_back(reduce_rows([copy for _, copy in items]))
-            for (entry, copy), row in zip(items, rows, strict=True):
-                entry.stats = row_stats(row, copy) or tensor_stats(copy)  # NaN/Inf: exact counts
+            for (entry, copy), stats in zip(items, batch_stats([copy for _, copy in items]), strict=True):
+                entry.stats = stats
                 if self.config.hash:
                     entry.stats["hash"] = content_hash(copy)
         self._staging.reset()

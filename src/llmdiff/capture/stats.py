@@ -88,10 +88,7 @@ def _reduce_group(tensors: list[torch.Tensor]) -> torch.Tensor:
     if matrix.is_complex():
         matrix = torch.view_as_real(matrix)
     matrix = matrix.reshape(len(tensors), -1)
-    if not matrix.is_floating_point():
-        matrix = matrix.to(torch.float64)
-    elif matrix.dtype not in (torch.float32, torch.float64):
-        matrix = matrix.float()
+    matrix = matrix.to(_work_dtype(matrix.dtype))
     lo, hi = torch.aminmax(matrix, dim=1)
     total = matrix.sum(dim=1)
     deviation = matrix - (total / matrix.shape[1]).unsqueeze(1)
@@ -180,7 +177,8 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
 
 
 def batch_stats(tensors: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
-    """:func:`tensor_stats` of many tensors of one device, with one read-back for all finite ones."""
+    """:func:`tensor_stats` of many tensors of one device, with one read-back for all finite ones (only a
+    tensor whose row shows NaN/Inf or overflow is looked at again, by :func:`tensor_stats`)."""
     rows = read_back(reduce_rows(tensors))
     results = [row_stats(row, t) for row, t in zip(rows, tensors, strict=True)]
     return [r if r is not None else tensor_stats(t) for r, t in zip(results, tensors, strict=True)]

@@ -118,7 +118,6 @@ class _Deferred:
     rtol: float
     atol: float
     dtype: str
-    key: tuple[Any, ...]
 
 
 @dataclass
@@ -187,13 +186,10 @@ class _Comparer:
             if source is not None:
                 chunk.copies.append((result, source))
             else:
-                self._compare_tensors(result, g, t, dtype, chunk.deferred, key)
-                if not shared:
-                    pass
-                elif chunk.deferred and chunk.deferred[-1].result is result:
-                    chunk.pending[key] = result
-                else:
-                    self._measured[key] = result
+                self._compare_tensors(result, g, t, dtype, chunk.deferred)
+                if shared:  # a deferred pair is measured at the chunk's end
+                    deferred = bool(chunk.deferred) and chunk.deferred[-1].result is result
+                    (chunk.pending if deferred else self._measured)[key] = result
         elif (g.stats or g.data) and (t.stats or t.data):  # statistics on one side at least
             self._compare_stats(result, g.stats or tensor_stats(self.golden.load(g)),
                                 t.stats or tensor_stats(self.target.load(t)), dtype)
@@ -207,7 +203,7 @@ class _Comparer:
         return result
 
     def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str,
-                         deferred: list[_Deferred], key: tuple[Any, ...]) -> None:
+                         deferred: list[_Deferred]) -> None:
         golden = self.golden.load(g)
         target = self.target.load(t)
         if golden.shape != target.shape:
@@ -221,7 +217,7 @@ class _Comparer:
             return
         rtol, atol = self.options.tolerance.allclose_tolerances(dtype)
         if golden.numel() <= BATCH_MAX and not result.logits and not self.options.algorithms:
-            deferred.append(_Deferred(result, golden, target, rtol, atol, dtype, key))
+            deferred.append(_Deferred(result, golden, target, rtol, atol, dtype))
             return
         self._judge_tensors(result, golden, target, dtype, pair_stats(golden, target, rtol, atol))
 

@@ -365,8 +365,8 @@ def logprob_diff_per_position(golden: torch.Tensor, target: torch.Tensor, tokens
     recomputes); NaN where a side is not finite."""
     g_all, t_all, index = positions(golden), positions(target), tokens.reshape(-1, 1).to(torch.long)
     out = []
-    for start in range(0, g_all.shape[0], 64):  # a block of positions at a time, as kl_per_position
-        rows = slice(start, start + 64)
+    for start in range(0, g_all.shape[0], LOGIT_ROWS):  # a block of positions at a time, as kl_per_position
+        rows = slice(start, start + LOGIT_ROWS)
         g = torch.log_softmax(g_all[rows].double(), dim=-1).gather(1, index[rows])
         t = torch.log_softmax(t_all[rows].double(), dim=-1).gather(1, index[rows])
         out.append((g - t).abs().reshape(-1))
