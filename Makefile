@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Ray (the optional extra behind `compare --ray`) for the tests only: the demo does not need it.
+RAY_STAMP := $(VENV)/.llmdiff-ray-installed
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[ray]' || { echo "install: could not fetch ray (llmdiff[ray])"; exit 1; }
+	@touch $@
+
 # torchvision, torchaudio and torchcodec come built against CUDA torch and break `import vllm`: text needs none.
 $(VLLM_STAMP):
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
@@ -47,7 +53,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests examples bench
 	$(PY) -m mypy
 
-test: lint vllm-env
+test: lint vllm-env $(RAY_STAMP)
 	LLMDIFF_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -q
 
 # llmdiff's own numbers, then side by side with msProbe and msIT (installed once into a cached venv).

@@ -334,15 +334,30 @@ def test_demo_engine_vllm(vllm_bin, tmp_path):
     assert "model.layers.7.mlp.gate_up_proj (= model.layers.7.mlp.up_proj)" in planted
 
 
-def test_tensor_parallel_capture_writes_every_rank_with_its_parallel_layout(vllm_bin, model_dir, plain_texts,
-                                                                          tmp_path):
+TP_FAULT = "1:model.layers.3.self_attn.qkv_proj.weight:1.02"  # rank 1's shard of layer 3's q/k/v weights
+
+
+@pytest.fixture(scope="module")
+def tp_runs(vllm_bin, model_dir, tmp_path_factory):
+    """vllm_tp.py captured at TP=1, TP=3, and TP=3 with one rank's shard spoiled: the dumps and the texts."""
+    cwd = tmp_path_factory.mktemp("tp")
+    runs = {}
+    # TP=1 serves one request at a time, TP=3 batches both: steps differ, points pair by (request, position)
+    for name, args in (("tp1", ["--tp", 1, "--max-num-seqs", 1]), ("tp3", ["--tp", 3]),
+                       ("tp3-fault", ["--tp", 3, "--fault", TP_FAULT])):
+        out = run([vllm_bin / "llmdiff", "run", "-o", cwd / name, "--steps", "all", "--", vllm_bin / "python",
+                   EXAMPLES / "vllm_tp.py", model_dir, *args, "--tokens", TOKENS], engine_env(vllm_bin), cwd,
+                  timeout=900)
+        runs[name] = (cwd / name, texts_of(out))
+    return runs
+
+
+def test_tensor_parallel_capture_writes_every_rank_with_its_parallel_layout(tp_runs, plain_texts):
     # TP=3 (SmolLM2's 9 heads and 3 KV heads divide by 3, not by 2): three Worker processes, one folder each.
-    out = run([vllm_bin / "llmdiff", "run", "-o", tmp_path / "tp3", "--steps", "all", "--", vllm_bin / "python",
-               EXAMPLES / "vllm_tp.py", model_dir, "--tp", 3, "--tokens", TOKENS], engine_env(vllm_bin), tmp_path,
-              timeout=900)
-    assert texts_of(out) == plain_texts[False]  # greedy text of TP=3 under capture equals TP=1's without
-    assert sorted(p.name for p in (tmp_path / "tp3").iterdir() if p.is_dir()) == ["rank0", "rank1", "rank2"]
-    dump = llmdiff.open_dump(tmp_path / "tp3")
+    path, texts = tp_runs["tp3"]
+    assert texts == plain_texts[False]  # greedy text of TP=3 under capture equals TP=1's without
+    assert sorted(p.name for p in path.iterdir() if p.is_dir()) == ["rank0", "rank1", "rank2"]
+    dump = llmdiff.open_dump(path)
     assert not dump.problems
     steps = {r: [(s.step, s.token_ids) for s in dump.steps if s.rank == r] for r in range(3)}
     assert len(steps[0]) >= 2 and steps[0] == steps[1] == steps[2]  # the ranks' steps line up, same tokens
@@ -380,3 +395,62 @@ def test_tensor_parallel_capture_writes_every_rank_with_its_parallel_layout(vllm
     for module, path in (("model.embed_tokens", ""), ("logits_processor", "")):
         outputs = per_rank(module, path)
         assert len(outputs) == 3 and all(torch.equal(outputs[0], x) for x in outputs[1:]), module
+
+
+def compare_json(args: list[object], tmp_path: Path, name: str, code: int) -> dict:
+    done = subprocess.run([LLMDIFF, "compare", *map(str, args), "--json", str(tmp_path / name)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == code, done.stdout[-3000:] + done.stderr[-3000:]
+    report: dict = json.loads((tmp_path / name).read_text())
+    return report
+
+
+def test_tp3_matches_tp1_and_its_ranks_agree(tp_runs, tmp_path):
+    # The two runs batch their prompts differently: points pair by request and position, TP=3's shards are
+    # reassembled first.
+    (tp1, _), (tp3, _) = tp_runs["tp1"], tp_runs["tp3"]
+    report = compare_json([tp1, tp3], tmp_path, "r.json", 0)
+    assert report["verdict"] == "match"
+    assert report["ranks_agree"]["target"]["verdict"] == "match"
+    assert any("tensor-parallel dump of 3 ranks" in n for n in report["notes"])
+    passed = [e for e in report["entries"] if e["status"] == "pass"]
+    assert len(passed) == len(report["entries"]) > 2 * 700
+    assert any("vllm runs batched differently" in n for n in report["notes"])
+    assert {r["request"] for r in report["requests"]} == {0, 1}
+    k = next(e for e in passed if e["module"] == "model.layers.3.self_attn.k_proj" and e["part"] == "output")
+    assert k["target_shape"][-1] == 192 and k["metrics"]["rel_l2"] < 1e-5  # the ranks' k parts, de-interleaved
+    across = compare_json([tp3, "--across-ranks"], tmp_path, "ranks.json", 0)
+    assert across["verdict"] == "match" and {e["rank"] for e in across["entries"]} == {1, 2}
+    # all-reduced outputs differ between ranks by ~1 ulp: within budget, not bit-identical
+    assert max(e["metrics"]["max_abs"] for e in across["entries"] if e["module"].endswith("o_proj")
+               and e["part"] == "output") > 0
+
+
+def test_a_fault_in_one_ranks_shard_is_named_with_its_rank(tp_runs, tmp_path):
+    (tp1, _), (faulty, _) = tp_runs["tp1"], tp_runs["tp3-fault"]
+    report = compare_json([tp1, faulty], tmp_path, "r.json", 1)
+    assert report["verdict"] == "diverged"
+    culprit = report["culprits"][0]
+    assert culprit["target_module"] == "model.layers.3.self_attn.qkv_proj" and culprit["ranks"] == [1]
+    assert sorted(culprit["requests"]) == [0, 1]
+    first = report["first_divergence"]
+    assert first["module"].startswith("model.layers.3.self_attn.") and first["ranks"] == [1]
+    errors = first["rank_errors"]
+    assert errors["1"] > 0.01 > 1e-5 > max(errors["0"], errors["2"])
+    # every rank holds the same copy of what is replicated: the fault is in a shard
+    assert report["ranks_agree"]["target"]["verdict"] == "match"
+
+
+def test_transformers_against_tp3_pairs_the_reassembled_run(tp_runs, model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from llmdiff.demo import hf_capture
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["The capital of France is", "Tell me a story about a dragon who lived in a cave by the sea"]
+    hf_capture(model_dir, "float32", [list(tokenizer(p)["input_ids"]) for p in prompts], TOKENS, tmp_path / "hf")
+    healthy = llmdiff.compare(tmp_path / "hf", tp_runs["tp3"][0])
+    assert healthy.verdict == "match" and healthy.comparison.settings["engines"] == ["hf", "vllm"]
+    faulty = llmdiff.compare(tmp_path / "hf", tp_runs["tp3-fault"][0])
+    culprit = faulty.culprits[0]
+    assert (culprit.target_module, culprit.ranks) == ("model.layers.3.self_attn.qkv_proj", [1])

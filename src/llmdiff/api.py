@@ -6,17 +6,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmdiff.compare.align import Mapping
-from llmdiff.compare.engine import Progress, compare_dumps, options_from
+from llmdiff.compare.engine import Progress, compare_dumps, compare_ranks, options_from
+from llmdiff.errors import UsageError
 from llmdiff.report.model import Report
 from llmdiff.store.reader import Dump, open_dump
 
 
-def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float | None = None,
+def compare(golden: str | Path | Dump, target: str | Path | Dump | None = None, *, rtol: float | None = None,
             atol: float | None = None, steps: str | None = None, modules: Sequence[str] | str | None = None,
             thresholds: dict[str, float] | None = None, mapping: Mapping | str | Path | None = None,
             metrics: Sequence[str] = (), algorithms: Sequence[str] = (), allow_missing: bool = False,
             preset: str | None = None, level: str = "layer", workers: int | None = None,
-            progress: Progress | None = None, engines: tuple[str | None, str | None] = (None, None)) -> Report:
+            progress: Progress | None = None, engines: tuple[str | None, str | None] = (None, None),
+            across_ranks: bool = False, ray: str | None = None) -> Report:
     """Compare two dumps and localize where the target departs from the golden.
 
     ``rtol``/``atol`` switch the pass test to an element-wise allclose; ``thresholds`` (e.g.
@@ -31,6 +33,13 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float
     Captures of two different engines (transformers and vLLM, detected from the dumps, or given as
     ``engines=("hf", "vllm")``) are paired by canonical point and (request, position).
 
+    A tensor-parallel dump (one folder per rank) is compared as the unsharded run it adds up to, and
+    its ranks are checked to agree on what they all hold; a culprit in a reassembled tensor names the
+    ranks whose shards carry the error. ``across_ranks=True`` compares the ranks of the one dump
+    ``golden`` with each other (no ``target``). ``ray="auto"`` or ``"HOST:PORT"`` measures the pairs on
+    a Ray cluster (``pip install 'llmdiff[ray]'``; the dumps must be readable where the tasks run): the
+    same report as a local compare.
+
     Returns a :class:`~llmdiff.report.model.Report` with ``verdict``, ``first_divergence``,
     ``culprits``, ``tokens``, ``entries`` and ``to_markdown/to_csv/to_json/to_html(path)``.
     """
@@ -38,7 +47,17 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump, *, rtol: float
                            mapping=mapping, metrics=metrics, algorithms=algorithms, allow_missing=allow_missing,
                            preset=preset, level=level, workers=workers, progress=progress, engines=engines)
     golden_dump = golden if isinstance(golden, Dump) else open_dump(golden)
+    if across_ranks:
+        if target is not None:
+            raise UsageError("across_ranks compares the ranks of one dump: give no target")
+        return Report(compare_ranks(golden_dump, options))
+    if target is None:
+        raise UsageError("compare needs a target dump (or across_ranks=True)")
     target_dump = target if isinstance(target, Dump) else open_dump(target)
+    if ray is not None:
+        from llmdiff.compare.distributed import compare_on_ray
+
+        return Report(compare_on_ray(golden_dump, target_dump, options, ray))
     return Report(compare_dumps(golden_dump, target_dump, options))
 
 

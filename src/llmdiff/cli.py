@@ -222,24 +222,37 @@ def split_patterns(values: tuple[str, ...]) -> list[str]:
               help="The engine that wrote GOLDEN (detected from the dump); different engines pair canonical points.")
 @click.option("--target-engine", type=click.Choice(["auto", "hf", "vllm", "sglang"]), default="auto", show_default=True,
               help="The engine that wrote TARGET.")
+@click.option("--across-ranks", is_flag=True, help="Compare the ranks of ONE tensor-parallel dump with each other: "
+              "every tensor each rank holds whole, rank r against rank 0.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Measure on a Ray cluster (ADDRESS, or 'auto' / none: the one RAY_ADDRESS or `ray start` "
+                   "names, else a local one); needs pip install 'llmdiff[ray]'.")
 @click.option("-v", "--verbose", is_flag=True, help="List every entry that does not pass.")
 def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, target_opt: Path | None,
             outputs: tuple[str, ...], json_file: Path | None, rtol: float | None, atol: float | None,
             steps: str | None, modules: tuple[str, ...], metrics: tuple[str, ...], thresholds: tuple[str, ...],
             preset: str | None, level: str, algorithms: tuple[str, ...], mapping: Path | None, allow_missing: bool,
-            golden_engine: str, target_engine: str, verbose: bool) -> None:
+            golden_engine: str, target_engine: str, across_ranks: bool, ray_address: str | None,
+            verbose: bool) -> None:
     """Compare GOLDEN and TARGET dumps. Exit 0: match, 1: diverged or incomplete, 2: bad input.
 
-    Either side may be an llmdiff, msProbe, msIT, vLLM or SGLang dump.
+    Either side may be an llmdiff, msProbe, msIT, vLLM or SGLang dump. A tensor-parallel dump (one
+    folder per rank) is compared as the unsharded run it adds up to; --across-ranks takes one dump only.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from llmdiff.api import compare as run_compare
     from llmdiff.compare.tolerance import parse_thresholds
 
-    golden, target = _two_dumps(golden, target, golden_opt, target_opt)
+    if across_ranks:
+        given = [p for p in (golden, golden_opt, target, target_opt) if p is not None]
+        if len(given) != 1:
+            raise LlmdiffError(f"compare --across-ranks takes one dump (its ranks are compared); got {len(given)}")
+        golden, target = given[0], None
+    else:
+        golden, target = _two_dumps(golden, target, golden_opt, target_opt)
     for output in [*outputs, *([str(json_file)] if json_file else [])]:
-        _refuse_inside_inputs(Path(output), (golden, target))
+        _refuse_inside_inputs(Path(output), tuple(p for p in (golden, target) if p is not None))
     report_paths = [_report_path(path) for path in outputs]
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True,
@@ -248,7 +261,7 @@ def compare(golden: Path | None, target: Path | None, golden_opt: Path | None, t
         report = run_compare(golden, target, rtol=rtol, atol=atol, steps=steps, modules=split_patterns(modules),
                              thresholds=parse_thresholds(thresholds), mapping=mapping, metrics=metrics,
                              algorithms=algorithms, allow_missing=allow_missing, preset=preset, level=level,
-                             engines=(golden_engine, target_engine),
+                             engines=(golden_engine, target_engine), across_ranks=across_ranks, ray=ray_address,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     from llmdiff.report.terminal import print_comparison
 

@@ -26,3 +26,29 @@ def generate(model: Any, prompt: torch.Tensor, new_tokens: int = 4) -> torch.Ten
         out: torch.Tensor = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                            do_sample=False)
     return out
+
+
+def scale_on_rank(model: Any, parameter: str, factor: float, rank: int) -> bool:
+    """Multiply ``parameter`` of ``model`` by ``factor`` in the tensor-parallel rank ``rank`` only (a fault on
+    one rank, for ``llm.apply_model``); True where it was applied.
+
+    vLLM's CPU build packs a linear layer's weight for its GEMM kernel at load time and drops the
+    parameter, so there the packed kernel is wrapped instead: ``linear(x, c*W, b) = c*(linear(x, W, b) - b) + b``.
+    """
+    from vllm.distributed import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_rank() != rank:
+        return False
+    owner_name, _, leaf = parameter.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    kernel = getattr(owner, "cpu_linear", None)
+    if leaf == "weight" and callable(kernel):
+        def scaled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            out = kernel(x, weight, bias)
+            return out * factor if bias is None else (out - bias) * factor + bias
+
+        owner.cpu_linear = scaled
+        return True
+    with torch.no_grad():
+        getattr(owner, leaf).mul_(factor)
+    return True

@@ -77,7 +77,7 @@ class _Side:
     by_key: dict[tuple[int, str, str, str], Entry] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for e in self.dump.entries:  # one process (tensor-parallel ranks are not un-sharded here)
+        for e in self.dump.entries:  # one process (a tensor-parallel dump is unsharded before)
             self.by_key.setdefault((e.step, e.module, e.part, e.path), e)
 
     def refs_at(self, step: int, source: Source) -> list[Entry] | None:
@@ -99,6 +99,17 @@ class _Side:
         if source.transform == "split":
             return torch.split(loaded[0], list(source.sizes), dim=-1)[source.index]
         return loaded[0]
+
+
+def _window(shards: tuple[tuple[int, int, int], ...] | None, source: Source
+            ) -> tuple[tuple[int, int, int], ...] | None:
+    """The ranks' columns (see ``Entry.shards``) of the slice of the last dimension ``source`` takes."""
+    if not shards or source.transform != "split":
+        return shards if source.transform is None else None
+    start = sum(source.sizes[:source.index])
+    end = start + source.sizes[source.index]
+    inside = tuple((rank, max(a, start) - start, min(b, end) - start) for rank, a, b in shards if a < end and b > start)
+    return inside or None
 
 
 def _describe(entries: list[Entry], source: Source) -> str:
@@ -135,6 +146,20 @@ def _hf_units(dump: Dump) -> list[_Unit]:
             start = ends[request]
             units.append(_Unit(step.step, request, b, list(range(start, start + len(tokens))), tokens))
             ends[request] = start + len(tokens)
+    return units
+
+
+def _engine_units(index: _EngineIndex) -> list[_Unit]:
+    """An engine golden's units: each request's rows of each step, requests numbered by arrival."""
+    number = {rid: i for i, rid in enumerate(sorted(index.arrival, key=lambda r: index.arrival[r]))}
+    grouped: dict[tuple[int, str], list[int]] = {}
+    for (rid, position), (step, _) in index.rows.items():
+        grouped.setdefault((step, rid), []).append(position)
+    units = []
+    for (step, rid), positions in sorted(grouped.items(), key=lambda kv: (kv[0][0], number[kv[0][1]])):
+        positions.sort()
+        seen = index.tokens.get(rid, {})
+        units.append(_Unit(step, number[rid], -1, positions, [seen.get(p, -1) for p in positions]))
     return units
 
 
@@ -223,7 +248,8 @@ class _View:
         key = str(len(self.recipes))
         entry = Entry(seq=len(self.entries), rank=request, step=step, module=module, type="canonical", call=0,
                       part=part, path="", shape=shape, dtype=dtype, device="cpu", stats=None,
-                      data={"file": "", "key": key}, source=_describe(parts[0][0], source))
+                      data={"file": "", "key": key}, source=_describe(parts[0][0], source),
+                      shards=_window(parts[0][0][0].shards, source) if len(parts[0][0]) == 1 else None)
         self.recipes.append((parts, source, batch))
         self.entries.append(entry)
         record = self.steps.get((request, step))
@@ -255,36 +281,51 @@ def _own_shape(entries: list[Entry], source: Source) -> list[int]:
     return shape
 
 
+def _same_schedule(golden: Dump, target: Dump) -> bool:
+    """Both runs fed the same tokens in the same steps (then entries pair by name, step by step)."""
+    def schedule(dump: Dump) -> list[Any]:
+        return [(s.step, s.token_ids) for s in sorted(dump.steps, key=lambda s: (s.rank, s.step)) if s.rank == 0]
+
+    return schedule(golden) == schedule(target)
+
+
 def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, str | None] = (None, None)
                        ) -> CrossEngine | None:
-    """Views of two dumps from different engines, paired by canonical point and (request, position);
-    None when both come from the same engine (they pair by module name). ``engines`` overrides detection."""
+    """Views of two dumps paired by canonical point and (request, position): dumps of two different engines,
+    or of one flat-token engine whose runs batched the requests differently (a TP=3 run that scheduled its
+    prompts in other steps than the TP=1 run). None when entries pair by module name, step by step."""
     names = (engines[0] or engine_of(golden), engines[1] or engine_of(target))
-    if names[0] == names[1]:
+    if names[0] == names[1] and (names[0] == "hf" or _same_schedule(golden, target)
+                                 or not all(s.requests and s.positions is not None
+                                            for d in (golden, target) for s in d.steps)):
         return None
-    if "hf" not in names:
-        raise DumpError(f"comparing {names[0]} with {names[1]}: one side must be a transformers capture (its steps "
-                        "define the units rows are paired by)")
-    flip = names[0] != "hf"
-    hf_dump, engine_dump = (target, golden) if flip else (golden, target)
-    layers = max(_layers(hf_dump.entries), _layers(engine_dump.entries))
-    config = _config(engine_dump) or _sizes_from(hf_dump)
-    if not config:
-        raise DumpError(f"{engine_dump.path}: no model config recorded by the engine, and the transformers side "
-                        "has no q/k/gate projection outputs to take the widths of its fused projections from")
-    engine = names[0] if flip else names[1]
-    hf_side = _Side(hf_dump, "hf", canonical_sources("hf", layers, {}))
-    try:
-        engine_side = _Side(engine_dump, engine, canonical_sources(engine, layers, config))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DumpError(f"{engine_dump.path}: the recorded model config cannot split fused projections "
-                        f"({type(exc).__name__}: {exc})") from None
-    units = _hf_units(hf_dump)
-    index = _engine_index(engine_dump)
+    # The transformers side (else the golden) defines the units rows are paired by.
+    flip = names[0] != "hf" and names[1] == "hf"
+    unit_dump, other_dump = (target, golden) if flip else (golden, target)
+    unit_engine, other_engine = (names[1], names[0]) if flip else names
+    layers = max(_layers(unit_dump.entries), _layers(other_dump.entries))
+    sides = []
+    for dump, engine in ((unit_dump, unit_engine), (other_dump, other_engine)):
+        config = {} if engine == "hf" else (_config(dump) or _config(unit_dump if dump is other_dump else other_dump)
+                                            or _sizes_from(unit_dump if unit_engine == "hf" else other_dump))
+        if engine != "hf" and not config:
+            raise DumpError(f"{dump.path}: no model config recorded by the engine, and the transformers side "
+                            "has no q/k/gate projection outputs to take the widths of its fused projections from")
+        try:
+            sides.append(_Side(dump, engine, canonical_sources(engine, layers, config)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DumpError(f"{dump.path}: the recorded model config cannot split fused projections "
+                            f"({type(exc).__name__}: {exc})") from None
+    unit_side, other_side = sides
+    unit_index = None if unit_engine == "hf" else _engine_index(unit_dump)
+    units = _hf_units(unit_dump) if unit_index is None else _engine_units(unit_index)
+    index = _engine_index(other_dump)
     matched = _match_requests(units, index)
-    hf_view, engine_view = _View(hf_side), _View(engine_side)
+    unit_ids = {} if unit_index is None else {
+        n: rid for n, rid in enumerate(sorted(unit_index.arrival, key=lambda r: unit_index.arrival[r]))}
+    unit_view, other_view = _View(unit_side), _View(other_side)
     own: dict[str, tuple[str | None, str | None]] = {}
-    unrun: dict[int, int] = {}  # request -> golden steps the engine ran none of
+    unrun: dict[int, int] = {}  # request -> unit steps the other side ran none of
     for unit in units:
         rid = matched.get(unit.request)
         # the tokens fed at the positions both ran (a teacher-forced pass includes the last sampled token,
@@ -294,15 +335,18 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
         if not both:
             unrun[unit.request] = unrun.get(unit.request, 0) + 1
         fed = ([unit.tokens[i] for i in both], [seen[unit.positions[i]] for i in both])
-        for view, tokens in ((hf_view, fed[0]), (engine_view, fed[1])):
+        for view, tokens in ((unit_view, fed[0]), (other_view, fed[1])):
             view.steps[unit.request, unit.step] = StepRecord(unit.request, unit.step, tokens, 0)
+        located = (_Locator(unit_side, unit_index, unit_ids.get(unit.request), unit),
+                   _Locator(other_side, index, rid, unit))
         for module, part in points(layers):
-            _pair_point(unit, rid, module, part, hf_side, engine_side, hf_view, engine_view, index, own)
-    used = {(e.module, e.part, e.path) for view in (hf_view, engine_view)
+            _pair_point(unit, module, part, located, (unit_view, other_view), own)
+    used = {(e.module, e.part, e.path) for view in (unit_view, other_view)
             for parts, _, _ in view.recipes for own_entries, _ in parts for e in own_entries}
-    notes = [f"cross-engine compare ({names[0]} golden, {names[1]} target): canonical points paired by "
+    what = "cross-engine compare" if names[0] != names[1] else f"{names[0]} runs batched differently"
+    notes = [f"{what} ({names[0]} golden, {names[1]} target): canonical points paired by "
              "(request, position); a view's rank is the request"]
-    for side in (hf_side, engine_side):
+    for side in sides:
         unused = [e for e in side.dump.entries if (e.module, e.part, e.path) not in used]
         if unused:
             touched = {e.module for e in side.dump.entries if (e.module, e.part, e.path) in used}
@@ -310,19 +354,21 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
             notes.append(f"{side.engine}: {len(unused)} captured entries hold no canonical point and are not compared"
                          + (f"; modules with none: {', '.join(idle[:6])}{', ...' if len(idle) > 6 else ''}"
                             if idle else ""))
-    notes += [f"{engine}: {p}" for p in index.problems[:3]]
+    notes += [f"{other_engine}: {p}" for p in index.problems[:3]]
+    notes += [f"{unit_engine}: {p}" for p in (unit_index.problems[:3] if unit_index is not None else [])]
     requests = []
     for request in sorted({u.request for u in units}):
         mine = [u for u in units if u.request == request]
         requests.append({"request": request, "target_id" if not flip else "golden_id": matched.get(request),
+                         **({"golden_id": unit_ids.get(request)} if unit_ids else {}),
                          "prompt_tokens": len(mine[0].tokens), "steps": [u.step for u in mine]})
     for request, count in sorted(unrun.items()):
         if request in matched:
-            notes.append(f"request {request}: the {engine} side ran none of the positions of {count} golden step(s) "
-                         "(its generation ended sooner): their points are one-sided")
+            notes.append(f"request {request}: the {other_engine} side ran none of the positions of {count} "
+                         "step(s) of the other (its generation ended sooner): their points are one-sided")
     if any(u.request not in matched for u in units):
-        notes.append("some golden requests have no request in the other dump: their points are one-sided")
-    views = (hf_view.dump(hf_dump), engine_view.dump(engine_dump))
+        notes.append("some requests have no request in the other dump: their points are one-sided")
+    views = (unit_view.dump(unit_dump), other_view.dump(other_dump))
     owned = {m: ((g, t) if not flip else (t, g)) for m, (g, t) in own.items()}
     return CrossEngine(views[1] if flip else views[0], views[0] if flip else views[1],
                        (names[0], names[1]), requests, owned, notes)
@@ -334,53 +380,73 @@ def _role(module: str) -> str:
     return role(module)
 
 
-def _pair_point(unit: _Unit, rid: str | None, module: str, part: str, hf_side: _Side, engine_side: _Side,
-                hf_view: _View, engine_view: _View, index: _EngineIndex,
-                own: dict[str, tuple[str | None, str | None]]) -> None:
-    hf_source, engine_source = hf_side.sources.get((module, part)), engine_side.sources.get((module, part))
-    hf_entries = hf_side.refs_at(unit.step, hf_source) if hf_source else None
-    hf_rows: list[int] = []
-    positions = unit.positions
-    if hf_entries is not None and hf_source is not None:
-        seq = hf_entries[0].shape[1] if len(hf_entries[0].shape) >= 2 else len(positions)
-        if seq == len(positions):
-            hf_rows = list(range(len(positions)))
-        elif seq == 1:  # generate's logits: the last position only
-            hf_rows, positions = [0], positions[-1:]
-        else:
-            hf_entries = None
-    # the engine's rows for these positions, step by step
-    engine_parts: list[tuple[list[Entry], list[int]]] = []
-    kept: list[int] = []
-    if rid is not None and engine_source is not None:
-        where = index.logits if engine_source.layout == "logits" else index.rows
+@dataclass
+class _Locator:
+    """Where one side holds the rows of one unit: a transformers step's batch row, or a flat-token
+    engine's rows (found by request and position in whichever steps computed them)."""
+
+    side: _Side
+    index: _EngineIndex | None  # None: transformers
+    rid: str | None
+    unit: _Unit
+
+    def rows(self, source: Source) -> dict[int, tuple[int, int]] | None:
+        """Position index in the unit -> (step, row) for the positions this side holds."""
+        positions = self.unit.positions
+        if self.index is None:
+            entries = self.side.refs_at(self.unit.step, source)
+            if entries is None:
+                return None
+            seq = entries[0].shape[1] if len(entries[0].shape) >= 2 else len(positions)
+            if seq == len(positions):
+                return {i: (self.unit.step, i) for i in range(len(positions))}
+            if seq == 1:  # generate's logits: the last position only
+                return {len(positions) - 1: (self.unit.step, 0)}
+            return None
+        if self.rid is None:
+            return None
+        where = self.index.logits if source.layout == "logits" else self.index.rows
+        found = {i: where[self.rid, p] for i, p in enumerate(positions) if (self.rid, p) in where}
+        return found or None
+
+    def add(self, view: _View, module: str, part: str, source: Source, rows: dict[int, tuple[int, int]],
+            keep: list[int]) -> str | None:
+        """Add this side's entry of the point (rows ``keep``); the name of its own first module, or None."""
         by_step: dict[int, list[int]] = {}
-        for i, p in enumerate(positions):
-            found = where.get((rid, p))
-            if found is not None:
-                by_step.setdefault(found[0], []).append(found[1])
-                kept.append(i)
-        for step, rows in by_step.items():
-            own_entries = engine_side.refs_at(step, engine_source)
+        for i in keep:
+            step, row = rows[i]
+            by_step.setdefault(step, []).append(row)
+        parts: list[tuple[list[Entry], list[int]]] = []
+        for step, step_rows in by_step.items():
+            own_entries = self.side.refs_at(step, source)
             if own_entries is None:
-                engine_parts, kept = [], []
-                break
-            engine_parts.append((own_entries, rows))
-    if hf_entries is not None and hf_source is not None:
-        if engine_parts and len(kept) < len(positions):  # only where both have rows (sparse logits)
-            hf_rows = [hf_rows[i] for i in kept]
-        hf_shape = [len(hf_rows), *hf_entries[0].shape[2:]]
-        hf_view.add(unit.request, unit.step, module, part, hf_source, [(hf_entries, hf_rows)], unit.batch,
-                    hf_shape, hf_entries[0].dtype)
-        own.setdefault(module, (hf_entries[0].module, None))
-    if engine_parts and engine_source is not None:
-        first = engine_parts[0][0]
-        shape = [sum(len(r) for _, r in engine_parts), *_own_shape(first, engine_source)[1:]]
-        engine_view.add(unit.request, unit.step, module, part, engine_source, engine_parts, None, shape,
-                        first[0].dtype)
-        golden_own = own.get(module, (None, None))[0]
-        if own.get(module, (None, None))[1] is None:
-            own[module] = (golden_own, first[0].module)
+                return None
+            parts.append((own_entries, step_rows))
+        if not parts:
+            return None
+        first = parts[0][0]
+        tail = _own_shape(first, source)[2 if self.index is None else 1:]
+        view.add(self.unit.request, self.unit.step, module, part, source, parts,
+                 self.unit.batch if self.index is None else None, [len(keep), *tail], first[0].dtype)
+        return first[0].module
+
+
+def _pair_point(unit: _Unit, module: str, part: str, located: tuple[_Locator, _Locator],
+                views: tuple[_View, _View], own: dict[str, tuple[str | None, str | None]]) -> None:
+    sources = [loc.side.sources.get((module, part)) for loc in located]
+    found = [loc.rows(src) if src is not None else None for loc, src in zip(located, sources, strict=True)]
+    common = sorted(found[0].keys() & found[1].keys()) if found[0] and found[1] else []
+    names: list[str | None] = [None, None]
+    for n, (loc, src, rows) in enumerate(zip(located, sources, found, strict=True)):
+        if src is None or not rows:
+            continue
+        names[n] = loc.add(views[n], module, part, src, rows, common or sorted(rows))  # both, else one-sided
+    for n, name in enumerate(names):
+        if name is not None:
+            held = list(own.get(module, (None, None)))
+            if held[n] is None:
+                held[n] = name
+                own[module] = (held[0], held[1])
 
 
 def merge_request_culprits(culprits: Sequence[Culprit], own_names: dict[str, tuple[str | None, str | None]]
@@ -396,6 +462,8 @@ def merge_request_culprits(culprits: Sequence[Culprit], own_names: dict[str, tup
             merged[key] = c
         elif first.requests is not None and c.rank not in first.requests:
             first.requests.append(c.rank)
+        if first is not None and c.ranks:
+            first.ranks = sorted(set(first.ranks or ()) | set(c.ranks))
     return list(merged.values())
 
 
@@ -421,7 +489,8 @@ def request_summaries(requests: Sequence[dict[str, Any]], entries: Sequence[Entr
                     "first_flip": None if flip is None else {"step": flip.step, "golden_token": flip.golden_token,
                                                              "target_token": flip.target_token,
                                                              "near_tie": flip.near_tie},
-                    "culprit": None if culprit is None else culprit.target_module or culprit.module,
+                    "culprit": None if culprit is None else (culprit.target_module or culprit.module) + (
+                        f" on rank {', '.join(map(str, culprit.ranks))}" if culprit.ranks else ""),
                     "max_logprob_diff": max((e.metrics.get("logprob_diff_max") or 0.0 for e in mine
                                              if e.logits and isinstance(e.metrics.get("logprob_diff_max"), float)),
                                             default=None)})

@@ -21,7 +21,7 @@ import torch
 
 from llmdiff.capture.stats import tensor_stats
 from llmdiff.compare.align import EntryPair, Mapping, align, squeezed_shape
-from llmdiff.compare.crossengine import cross_engine_views, merge_request_culprits, request_summaries
+from llmdiff.compare.crossengine import CrossEngine, cross_engine_views, merge_request_culprits, request_summaries
 from llmdiff.compare.localize import analyze_tokens, find_culprits, first_divergence
 from llmdiff.compare.metrics import BATCH_MAX, TENSOR_METRICS, PairStats, logits_metrics, pair_stats, pair_stats_batch
 from llmdiff.compare.results import (
@@ -41,6 +41,7 @@ from llmdiff.compare.results import (
     EntryResult,
 )
 from llmdiff.compare.tolerance import KL_BUDGET, KL_WORST_POSITION, REL_L2_BUDGET, Tolerance, lower_precision
+from llmdiff.compare.unshard import across_ranks, blame_ranks, culprit_ranks, unshard
 from llmdiff.config import ModulePattern, StepSet
 from llmdiff.errors import LlmdiffError, UsageError
 from llmdiff.store.reader import DATA_MISSING, Dump
@@ -72,6 +73,8 @@ class Options:
     progress: Progress | None = None
     #: override the detected engine of each side (``hf``, ``vllm``); different engines pair canonical points
     engines: tuple[str | None, str | None] = (None, None)
+    #: the ``FILE.py:FUNCTION`` specs ``algorithms`` were loaded from (workers elsewhere load them again)
+    algorithm_specs: tuple[str, ...] = ()
 
 
 LEVELS = ("layer", "token")
@@ -307,16 +310,16 @@ def _steps_after_token_mismatch(golden_ids: dict[tuple[int, int], Any],
             if rank in first and step >= first[rank]}
 
 
-def _in_order(pool: ThreadPoolExecutor, pairs: Sequence[EntryPair], work: Callable[[range], list[EntryResult]],
+def _in_order(pool: ThreadPoolExecutor, indices: range, work: Callable[[range], list[EntryResult]],
               limit: int, chunk: int = 256) -> Iterable[EntryResult]:
-    """Run ``work`` over ``pairs`` in chunks of indices (small tensors are measured together, and cost
-    less than a task hand-off), with at most ``limit`` chunks pending, yielding results in order."""
+    """Run ``work`` over ``indices`` in chunks (small tensors are measured together, and cost less than a
+    task hand-off), with at most ``limit`` chunks pending, yielding results in order."""
 
     def run_chunk(start: int) -> list[EntryResult]:
-        return work(range(start, min(start + chunk, len(pairs))))
+        return work(range(start, min(start + chunk, indices.stop)))
 
     pending: deque[Future[list[EntryResult]]] = deque()
-    for start in range(0, len(pairs), chunk):
+    for start in range(indices.start, indices.stop, chunk):
         pending.append(pool.submit(run_chunk, start))
         if len(pending) >= limit:
             yield from pending.popleft().result()
@@ -330,39 +333,144 @@ def _default_workers(entries: Sequence[Entry]) -> int:
     return 1
 
 
-def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) -> Comparison:
-    """Compare two opened dumps. See :func:`llmdiff.compare` for the options."""
-    options = options or Options()
+@dataclass
+class Plan:
+    """What a comparison measures, fixed before any tensor is read: the dumps as compared (views of
+    tensor-parallel or cross-engine dumps), the aligned pairs and the steps fed different tokens.
+    The same dumps and options always give the same plan, so workers elsewhere can rebuild it."""
+
+    golden: Dump
+    target: Dump
+    options: Options
+    pairs: list[EntryPair]
+    golden_ids: dict[tuple[int, int], Any]
+    target_ids: dict[tuple[int, int], Any]
+    tokens_differ: set[tuple[int, int]]
+    bases: tuple[Dump, Dump]
+    cross: CrossEngine | None = None
+    notes: list[str] = field(default_factory=list)
+    ranks_agree: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def plan(golden: Dump, target: Dump, options: Options, check_ranks: bool = True) -> Plan:
+    """Views, alignment and token bookkeeping of a comparison (no tensor is read, except by the check that
+    a tensor-parallel side's ranks agree, ``check_ranks``)."""
     bases = (golden, target)
+    notes: list[str] = []
+    agree: dict[str, dict[str, Any]] = {}
+    sides = []
+    for label, dump in (("golden", golden), ("target", target)):
+        unsharded = unshard(dump)
+        if unsharded is not None:
+            notes += unsharded.notes
+            if check_ranks:
+                agree[label] = ranks_agree(dump, options)
+            dump = unsharded.dump
+        sides.append(dump)
+    golden, target = sides
     cross = cross_engine_views(golden, target, options.engines)
     if cross is not None:
         golden, target = cross.golden, cross.target
     pairs = align(golden.entries, target.entries, options.mapping, options.steps, options.modules)
     if options.level == "token":  # msIT's -cl token: the logits of each token only
         pairs = [p for p in pairs if is_logits(p.any)]
-    lost = [x for p in pairs for x in (p.golden, p.target) if x is not None and x.note == DATA_MISSING]
     golden_ids, target_ids = _step_token_ids(golden, options.steps), _step_token_ids(target, options.steps)
-    tokens_differ = _steps_after_token_mismatch(golden_ids, target_ids)
-    workers = options.workers or _default_workers(golden.entries)
-    comparer = _Comparer(golden, target, options)
+    return Plan(golden, target, options, pairs, golden_ids, target_ids,
+                _steps_after_token_mismatch(golden_ids, target_ids), bases, cross, notes, agree)
+
+
+def measure(p: Plan, indices: range | None = None) -> list[EntryResult]:
+    """The results of the plan's pairs (``indices`` of them, all by default), in order."""
+    options = p.options
+    indices = range(len(p.pairs)) if indices is None else indices
+    workers = options.workers or _default_workers(p.golden.entries)
+    comparer = _Comparer(p.golden, p.target, options)
     entries: list[EntryResult] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmdiff-compare") as pool:
-        work = partial(comparer.results, pairs=pairs, tokens_differ=tokens_differ)
+        work = partial(comparer.results, pairs=p.pairs, tokens_differ=p.tokens_differ)
         # One thread: big chunks, so small pairs are measured in big batches; several: small chunks, to
         # spread the large tensors that made them worth having.
-        for result in _in_order(pool, pairs, work, 2 * workers, chunk=1024 if workers == 1 else 32):
+        for result in _in_order(pool, indices, work, 2 * workers, chunk=1024 if workers == 1 else 32):
             entries.append(result)
             if options.progress:
-                options.progress(len(entries), len(pairs))
-    for dump in {id(d): d for d in (golden, target, *bases)}.values():
+                options.progress(len(entries), len(indices))
+    return entries
+
+
+def close(p: Plan) -> None:
+    for dump in {id(d): d for d in (p.golden, p.target, *p.bases)}.values():
         dump.close()
 
+
+def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) -> Comparison:
+    """Compare two opened dumps. See :func:`llmdiff.compare` for the options."""
+    options = options or Options()
+    p = plan(golden, target, options)
+    try:
+        entries = measure(p)
+    finally:
+        close(p)
+    return conclude(p, entries)
+
+
+def ranks_agree(dump: Dump, options: Options) -> dict[str, Any]:
+    """Whether a tensor-parallel dump's ranks hold the same values in the tensors every rank holds whole
+    (see :func:`rank_summary`)."""
+    return rank_summary(compare_ranks(dump, options))
+
+
+def rank_summary(comparison: Comparison) -> dict[str, Any]:
+    """An across-ranks comparison in short: verdict, compared entries, the first departure and its culprit."""
+    culprit = next((c for c in comparison.culprits if c.confirmed), None)
+    return {"verdict": comparison.verdict, "compared": comparison.counts["total"],
+            "first_divergence": comparison.first_divergence, "culprit": None if culprit is None else
+            {"module": culprit.module, "rank": culprit.rank, "step": culprit.step}}
+
+
+def ranks_plan(dump: Dump, options: Options) -> Plan:
+    """The plan of an across-ranks comparison of ``dump`` (see :func:`compare_ranks`)."""
+    views = across_ranks(dump)
+    if views is None:
+        raise UsageError(f"--across-ranks: {dump.path} is not a tensor-parallel dump (no process records a "
+                         "TP size above 1)")
+    solo = Options(**{**options.__dict__, "mapping": None, "engines": (None, None), "progress": None})
+    return plan(*views, solo, check_ranks=False)
+
+
+def conclude_ranks(p: Plan, entries: list[EntryResult]) -> Comparison:
+    """:func:`conclude` for an across-ranks plan: each culprit names its rank."""
+    comparison = conclude(p, entries)
+    for culprit in comparison.culprits:
+        culprit.ranks = [culprit.rank]
+    comparison.settings["across_ranks"] = True
+    return comparison
+
+
+def compare_ranks(dump: Dump, options: Options | None = None) -> Comparison:
+    """Every replicated tensor of each rank ``r > 0`` against rank 0's (``llmdiff compare --across-ranks``):
+    a rank that departs is localized like any divergence; its results carry its rank."""
+    p = ranks_plan(dump, options or Options())
+    try:
+        entries = measure(p)
+    finally:
+        close(p)
+    return conclude_ranks(p, entries)
+
+
+def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
+    """Localization, verdict and notes over the measured ``entries`` of plan ``p``."""
+    options, golden, target, cross = p.options, p.golden, p.target, p.cross
+    lost = [x for pr in p.pairs for x in (pr.golden, pr.target) if x is not None and x.note == DATA_MISSING]
+    if any(x is not None and x.shards for pr in p.pairs for x in (pr.golden, pr.target)):
+        blame_ranks(entries, p.pairs, golden, target)
+    run_dtype = lower_precision(*{e.dtype for d in (golden, target) for e in d.entries})
     token_thresholds = dict(options.tolerance.thresholds)
     if options.tolerance.logits_min_cosine is not None:
         token_thresholds.setdefault("cosine", options.tolerance.logits_min_cosine)
-    tokens = analyze_tokens(entries, golden_ids, target_ids, token_thresholds, options.tolerance.kl_budget,
-                            comparer.run_dtype)
+    tokens = analyze_tokens(entries, p.golden_ids, p.target_ids, token_thresholds, options.tolerance.kl_budget,
+                            run_dtype)
     culprits, had_inputs = find_culprits(entries)
+    culprit_ranks(culprits, entries)
     first = first_divergence(entries, culprits)
     notes: list[str] = []
     missing = [e for e in entries if e.status in MISSING]
@@ -375,7 +483,8 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     paired = len(entries) - len(missing)
     if (missing and (not allow_missing or paired == 0)) or (lost and not options.allow_missing):
         verdict = INCOMPLETE
-    elif first is not None or departure or tokens.first_input_mismatch == 0 or any(c.confirmed for c in culprits):
+    elif (first is not None or departure or tokens.first_input_mismatch == 0 or any(c.confirmed for c in culprits)
+          or any(a["verdict"] == DIVERGED for a in p.ranks_agree.values())):
         verdict = DIVERGED
     else:
         verdict = MATCH
@@ -409,6 +518,14 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
     if not had_inputs and any(e.status in FAILING for e in entries):
         notes.append("module inputs were not captured, so culprits cannot be told from victims: capture with "
                      "parts='both'")
+    for side, agree in p.ranks_agree.items():
+        where = agree["first_divergence"]
+        if agree["verdict"] != MATCH:
+            notes.append(f"{side}: its tensor-parallel ranks disagree ({agree['verdict']}) on tensors every rank "
+                         "holds whole" + ("" if where is None else
+                                          f": rank {where['rank']} departs from rank 0 first at step "
+                                          f"{where['step']} {where['name']}"))
+    notes[:0] = p.notes
     requests: list[dict[str, Any]] = []
     if cross is not None:
         notes[:0] = cross.notes
@@ -427,7 +544,7 @@ def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) ->
                       culprits=culprits if verdict != INCOMPLETE or culprits else [], tokens=tokens,
                       entries=entries, settings=settings, notes=notes,
                       problems=[f"golden: {p}" for p in golden.problems] + [f"target: {p}" for p in target.problems],
-                      metric_names=metric_names, requests=requests)
+                      metric_names=metric_names, requests=requests, ranks_agree=p.ranks_agree)
 
 
 def options_from(rtol: float | None = None, atol: float | None = None, steps: str | None = None,
@@ -459,6 +576,7 @@ def options_from(rtol: float | None = None, atol: float | None = None, steps: st
         mapping=load_mapping(mapping) if isinstance(mapping, (str, Path)) else mapping,
         metrics=tuple(metrics),
         algorithms=loaded,
+        algorithm_specs=tuple(algorithms),
         allow_missing=allow_missing,
         level=level,
         workers=workers,

@@ -254,7 +254,8 @@ def first_divergence(entries: Sequence[EntryResult], culprits: Sequence[Culprit]
         reason = f"within its budget, but {culprit.reason} (input error {culprit.input_error:.3g} -> output " \
                  f"error {culprit.output_error:.3g})"
     return {"rank": e.rank, "step": e.step, "module": e.module, "call": e.call, "part": e.part, "path": e.path,
-            "name": e.name, "status": status, "reason": reason, "metrics": e.metrics}
+            "name": e.name, "status": status, "reason": reason, "metrics": e.metrics,
+            **({"ranks": e.ranks, "rank_errors": e.rank_errors} if e.ranks else {})}
 
 
 def _pick_logits(entries: Sequence[EntryResult]) -> list[EntryResult]:

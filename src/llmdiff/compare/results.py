@@ -66,6 +66,9 @@ class EntryResult:
     #: in a cross-engine compare: each engine's own entries behind this canonical point
     golden_source: str | None = None
     target_source: str | None = None
+    #: of a failing tensor reassembled from tensor-parallel shards: each rank's rel_l2, and the ranks to blame
+    rank_errors: dict[int, float] | None = None
+    ranks: list[int] | None = None
 
     @property
     def is_input(self) -> bool:
@@ -127,6 +130,8 @@ class Culprit:
     golden_module: str | None = None
     target_module: str | None = None
     requests: list[int] | None = None
+    #: in a tensor-parallel compare: the ranks whose shards (or whose copy) of its output carry the error
+    ranks: list[int] | None = None
 
 
 @dataclass
@@ -146,6 +151,8 @@ class Comparison:
     metric_names: list[str] = field(default_factory=list)
     #: in a cross-engine compare: one summary per request (verdict, first divergence, token flip, culprit)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    #: for each tensor-parallel side: whether its ranks agree on the tensors they all hold (see ``--across-ranks``)
+    ranks_agree: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -198,5 +205,6 @@ class Comparison:
             "problems": self.problems,
             "metric_names": self.metric_names,
             "requests": self.requests,
+            "ranks_agree": self.ranks_agree,
             "entries": [e.to_json() for e in self.entries],
         })

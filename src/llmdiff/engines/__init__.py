@@ -17,6 +17,7 @@ The contract between :class:`~llmdiff.capture.session.Capture` and an engine mod
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
@@ -34,6 +35,28 @@ def canonical_sources(engine: str, layers: int, config: dict[str, Any]) -> dict[
     sources: dict[tuple[str, str], Source] = importlib.import_module(CANONICAL[engine]).canonical_sources(
         layers, config)
     return sources
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How one rank's tensor of a tensor-parallel run holds a piece of the whole.
+
+    ``concat``: the last dimension is this rank's slice of each of ``widths``' parts, so the whole is, part
+    by part, the ranks' slices side by side (a fused q/k/v output: every rank's q, then every rank's k...).
+    ``sum``: a partial sum; the whole is the ranks' tensors added up (a row-parallel layer that does not
+    reduce its output).
+    """
+
+    widths: tuple[int, ...] = ()
+    combine: str = "concat"
+
+
+def shard_of(engine: str, module: str, part: str, path: str, layout: dict[str, dict[str, Any]]) -> Shard | None:
+    """How a rank's entry ``module part.path`` is sharded, from that rank's recorded parallel ``layout``
+    (None: the tensor is whole on every rank, replicated)."""
+    find = getattr(importlib.import_module(CANONICAL[engine]), "shard_of", None) if engine in CANONICAL else None
+    found: Shard | None = find(module, part, path, layout) if find is not None and layout else None
+    return found
 
 
 class EngineSteps(Protocol):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from llmdiff.engines import Shard
 from llmdiff.engines.canonical import LOGITS, Ref, Source, fused_projections, fused_sizes, one
 
 if TYPE_CHECKING:
@@ -261,6 +262,49 @@ def parallel_layout(model: nn.Module) -> dict[str, dict[str, Any]]:
             info["shard_dim"] = 0  # of the weight: rows of the vocabulary
         layout[path] = info
     return layout
+
+
+def shard_of(module: str, part: str, path: str, layout: dict[str, dict[str, Any]]) -> Shard | None:
+    """How vLLM's tensor-parallel ranks split the entry ``module part.path`` (see :class:`Shard`).
+
+    Parallel layers say it themselves (:func:`parallel_layout`): a column-parallel output is this rank's
+    slice of each fused part, a row-parallel input is a slice, a row-parallel output is reduced (or a
+    partial sum when ``reduce_results`` is off). Three modules between them record nothing and work on
+    the shards they are handed: ``attn`` (q, k, v heads in, this rank's heads out) and ``rotary_emb``
+    (q, k) take ``qkv_proj``'s parts, ``act_fn`` takes ``gate_up_proj``'s and returns one part.
+    """
+    output = part == "output" and path in ("", "0")
+    info = layout.get(module)
+    if info is not None:
+        kind = info.get("kind")
+        if kind in ("qkv", "merged_column", "column") and output and info.get("shard_dim") == -1:
+            widths = info.get("output_partition_sizes") if kind != "column" else None
+            widths = widths or [info.get("output_size_per_partition")]
+            return Shard(tuple(int(w) for w in widths)) if all(isinstance(w, int) for w in widths) else None
+        if kind == "row" and part == "input" and path == "0" and info.get("shard_dim") == -1:
+            width = info.get("input_size_per_partition")
+            return Shard((width,)) if isinstance(width, int) else None
+        if kind == "row" and output and info.get("reduce_results") is False:
+            return Shard(combine="sum")
+        return None
+    parent, _, leaf = module.rpartition(".")
+    if leaf in ("attn", "rotary_emb"):
+        qkv = layout.get(f"{parent}.qkv_proj", {}).get("output_partition_sizes")
+        if not (isinstance(qkv, list) and len(qkv) == 3):
+            return None
+        q, k, v = qkv
+        held = ({("input", "0"): q, ("input", "1"): k, ("input", "2"): v, ("output", ""): q} if leaf == "attn"
+                else {("input", "1"): q, ("input", "2"): k, ("output", "0"): q, ("output", "1"): k})
+        width = held.get((part, path))
+        return None if width is None else Shard((width,))
+    if leaf == "act_fn":
+        gate_up = layout.get(f"{parent}.gate_up_proj", {}).get("output_partition_sizes")
+        if not (isinstance(gate_up, list) and gate_up):
+            return None
+        if part == "input" and path == "0":
+            return Shard(tuple(gate_up))
+        return Shard((gate_up[0],)) if output else None
+    return None
 
 
 def canonical_sources(layers: int, config: dict[str, Any]) -> dict[tuple[str, str], Source]:

@@ -33,11 +33,19 @@ def module_label(module: str) -> str:
     return module or "<root>"
 
 
+def ranks_label(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
 def culprit_label(c: Culprit) -> str:
-    """The culprit's module; in a cross-engine compare as the target engine names it, when that differs."""
+    """The culprit's module; in a cross-engine compare as the target engine names it, when that differs; in
+    a tensor-parallel compare with the ranks whose shards carry the error."""
+    label = module_label(c.module)
     if c.target_module and c.target_module != c.module:
-        return f"{c.target_module} (= {module_label(c.module)})"
-    return module_label(c.module)
+        label = f"{c.target_module} (= {label})"
+    if c.ranks:
+        label += " on " + ranks_label(c.ranks)
+    return label
 
 
 def culprit_text(c: Culprit) -> str:

@@ -78,6 +78,8 @@ class Entry:
     caller: str | None = None
     process: str = ""  # the process folder; set by readers, not stored
     source: str | None = None  # in a cross-engine view: the engine's own entries behind it; not stored
+    #: in a tensor-parallel view: (rank, first, end) of the last dimension's columns each rank held; not stored
+    shards: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def key(self) -> tuple[int, int, str, int, str, str]:
