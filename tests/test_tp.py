@@ -115,7 +115,8 @@ def test_a_tp3_dump_is_compared_as_the_unsharded_run(tmp_path, monkeypatch, tp1)
     report = llmdiff.compare(tp1.path, tp3.path)
     assert report.verdict == "match", report.to_markdown()
     entry = next(e for e in report.entries if e.module == "layers.0.qkv_proj" and e.part == "output")
-    assert entry.target_shape == [5, 48] and entry.metrics["max_abs"] == 0.0  # de-interleaved: q, k, v
+    # de-interleaved into q, k, v (a wrong order would be off by O(1)); a shard's product may round otherwise
+    assert entry.target_shape == [5, 48] and entry.metrics["max_abs"] < 1e-6
     o_in = next(e for e in report.entries if e.module == "layers.1.o_proj" and e.part == "input")
     assert o_in.target_shape == [5, 24] and o_in.status == "pass"
     assert report.comparison.ranks_agree["target"]["verdict"] == "match"
@@ -150,7 +151,7 @@ def test_a_fault_in_one_ranks_shard_is_named_with_its_rank(tmp_path, monkeypatch
     culprit = report.culprits[0]
     assert (culprit.module, culprit.ranks) == ("layers.1.qkv_proj", [1])
     entry = next(e for e in report.entries if e.module == "layers.1.qkv_proj" and e.part == "output")
-    assert entry.ranks == [1] and entry.rank_errors[0] == 0.0 and entry.rank_errors[1] > 0.01
+    assert entry.ranks == [1] and max(entry.rank_errors[0], entry.rank_errors[2]) < 1e-6 < 0.01 < entry.rank_errors[1]
     assert "layers.1.qkv_proj on rank 1" in report.to_markdown()
     # the ranks agree with each other on what they all hold: the fault is in a shard, not a copy
     assert report.comparison.ranks_agree["target"]["verdict"] == "match"
