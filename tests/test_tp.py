@@ -266,3 +266,14 @@ def test_ray_not_installed_is_one_line(tmp_path, tp1):
     assert done.returncode == 2
     assert done.stderr.strip() == ("llmdiff: error: --ray needs Ray, which is not installed: "
                                    "pip install 'llmdiff[ray]'")
+
+
+def test_a_damaged_shard_of_one_rank_makes_the_compare_incomplete(tmp_path, monkeypatch, tp1):
+    tp3 = capture_tp(tmp_path / "tp3", 3, monkeypatch)
+    shard = sorted((tmp_path / "tp3" / "rank1").glob("shard-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated: its entries keep statistics only
+    report = llmdiff.compare(tp1.path, tp3.path)
+    assert report.verdict == "incomplete" and report.exit_code == 1  # never a match on missing evidence
+    assert any("lost their tensor data" in n for n in report.comparison.notes)
+    assert report.comparison.ranks_agree["target"]["verdict"] == "incomplete"
+    assert any("rank1" in p for p in report.comparison.problems)

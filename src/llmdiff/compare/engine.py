@@ -348,6 +348,8 @@ class Plan:
     tokens_differ: set[tuple[int, int]]
     bases: tuple[Dump, Dump]
     cross: CrossEngine | None = None
+    #: the dumps the cross-engine views were made of (tensor-parallel ones already unsharded)
+    viewed: tuple[Dump, ...] = ()
     notes: list[str] = field(default_factory=list)
     ranks_agree: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -368,6 +370,7 @@ def plan(golden: Dump, target: Dump, options: Options, check_ranks: bool = True)
             dump = unsharded.dump
         sides.append(dump)
     golden, target = sides
+    viewed = (golden, target)
     cross = cross_engine_views(golden, target, options.engines)
     if cross is not None:
         golden, target = cross.golden, cross.target
@@ -376,7 +379,7 @@ def plan(golden: Dump, target: Dump, options: Options, check_ranks: bool = True)
         pairs = [p for p in pairs if is_logits(p.any)]
     golden_ids, target_ids = _step_token_ids(golden, options.steps), _step_token_ids(target, options.steps)
     return Plan(golden, target, options, pairs, golden_ids, target_ids,
-                _steps_after_token_mismatch(golden_ids, target_ids), bases, cross, notes, agree)
+                _steps_after_token_mismatch(golden_ids, target_ids), bases, cross, viewed, notes, agree)
 
 
 def measure(p: Plan, indices: range | None = None) -> list[EntryResult]:
@@ -461,6 +464,8 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
     """Localization, verdict and notes over the measured ``entries`` of plan ``p``."""
     options, golden, target, cross = p.options, p.golden, p.target, p.cross
     lost = [x for pr in p.pairs for x in (pr.golden, pr.target) if x is not None and x.note == DATA_MISSING]
+    if cross is not None:  # a canonical point needs its own entries' data: count those lost behind the views
+        lost += [e for d in p.viewed for e in d.entries if e.note == DATA_MISSING]
     if any(x is not None and x.shards for pr in p.pairs for x in (pr.golden, pr.target)):
         blame_ranks(entries, p.pairs, golden, target)
     run_dtype = lower_precision(*{e.dtype for d in (golden, target) for e in d.entries})
@@ -481,7 +486,8 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
     flip = tokens.first_flip
     departure = flip is not None and flip.get("near_tie") is not True
     paired = len(entries) - len(missing)
-    if (missing and (not allow_missing or paired == 0)) or (lost and not options.allow_missing):
+    unchecked = any(a["verdict"] == INCOMPLETE for a in p.ranks_agree.values())  # a rank's evidence is missing
+    if (missing and (not allow_missing or paired == 0)) or ((lost or unchecked) and not options.allow_missing):
         verdict = INCOMPLETE
     elif (first is not None or departure or tokens.first_input_mismatch == 0 or any(c.confirmed for c in culprits)
           or any(a["verdict"] == DIVERGED for a in p.ranks_agree.values())):
@@ -521,8 +527,9 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
     for side, agree in p.ranks_agree.items():
         where = agree["first_divergence"]
         if agree["verdict"] != MATCH:
-            notes.append(f"{side}: its tensor-parallel ranks disagree ({agree['verdict']}) on tensors every rank "
-                         "holds whole" + ("" if where is None else
+            state = "disagree" if agree["verdict"] == DIVERGED else "could not all be compared (incomplete)"
+            notes.append(f"{side}: its tensor-parallel ranks {state} on tensors every rank holds whole"
+                         + ("" if where is None else
                                           f": rank {where['rank']} departs from rank 0 first at step "
                                           f"{where['step']} {where['name']}"))
     notes[:0] = p.notes

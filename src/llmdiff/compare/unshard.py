@@ -27,7 +27,7 @@ import torch
 
 from llmdiff.compare.results import FAILING, Culprit, EntryResult
 from llmdiff.engines import Shard, shard_of
-from llmdiff.store.reader import Dump, ProcessDump
+from llmdiff.store.reader import DATA_MISSING, Dump, ProcessDump
 from llmdiff.store.schema import Entry
 
 Key = tuple[int, str, int, str, str]  # step, module, call, part, path
@@ -160,9 +160,10 @@ def unshard(dump: Dump) -> Unsharded | None:
         if has_data:
             recipes[key] = _Recipe(held, whole)
         stats = combine_stats([(x.stats, x.numel) for x in held], shard.combine)  # type: ignore[misc]
+        lost = next((x.note for x in held if x.note == DATA_MISSING), None)  # a rank's shard file is damaged
         entries.append(dataclasses.replace(
             e, shape=shape, stats=stats, data={"file": "", "key": key} if has_data else None,
-            note=None if has_data or stats is not None else "statistics of partial sums cannot be added up",
+            note=lost or (None if has_data or stats is not None else "statistics of partial sums cannot be added up"),
             shards=_columns(whole) if shard.combine == "concat" else None))
 
     def load(entry: Entry) -> torch.Tensor:
