@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from llmdiff.compare.results import DIVERGED, FAILING, MATCH, PASS, Culprit, EntryResult, Tokens
+from llmdiff.compare.unshard import add_up, process_engine
 from llmdiff.engines import CANONICAL, canonical_sources
 from llmdiff.engines.canonical import Ref, Source, points
 from llmdiff.errors import DumpError
@@ -35,21 +36,13 @@ ENGINES = tuple(CANONICAL)
 
 def engine_of(dump: Dump) -> str:
     """The engine that wrote ``dump``: what its processes recorded, else transformers."""
-    for proc in dump.processes:
-        for model in proc.info.get("models") or []:
-            engine = model.get("engine") if isinstance(model, dict) else None
-            if isinstance(engine, dict) and engine.get("name") in ENGINES:
-                return str(engine["name"])
-    return "hf"
+    names = [process_engine(proc).get("name") for proc in dump.processes]
+    return next((str(n) for n in names if n in ENGINES), "hf")
 
 
 def _config(dump: Dump) -> dict[str, Any]:
-    for proc in dump.processes:
-        for model in proc.info.get("models") or []:
-            engine = model.get("engine") if isinstance(model, dict) else None
-            if isinstance(engine, dict) and isinstance(engine.get("config"), dict):
-                return dict(engine["config"])
-    return {}
+    configs = [process_engine(proc).get("config") for proc in dump.processes]
+    return next((dict(c) for c in configs if isinstance(c, dict)), {})
 
 
 def _sizes_from(hf_dump: Dump) -> dict[str, Any]:
@@ -92,10 +85,7 @@ class _Side:
     def tensor(self, entries: list[Entry], source: Source) -> torch.Tensor:
         loaded = [self.dump.load(e) for e in entries]
         if source.transform == "sum":
-            total = loaded[0].to(torch.float64) if loaded[0].is_floating_point() else loaded[0]
-            for t in loaded[1:]:
-                total = total + t
-            return total.to(loaded[0].dtype)
+            return add_up(loaded)
         if source.transform == "split":
             return torch.split(loaded[0], list(source.sizes), dim=-1)[source.index]
         return loaded[0]

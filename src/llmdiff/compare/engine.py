@@ -12,7 +12,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,13 @@ from llmdiff.compare.results import (
     EntryResult,
 )
 from llmdiff.compare.tolerance import KL_BUDGET, KL_WORST_POSITION, REL_L2_BUDGET, Tolerance, lower_precision
-from llmdiff.compare.unshard import across_ranks, blame_ranks, culprit_ranks, unshard
+from llmdiff.compare.unshard import across_ranks, culprit_ranks, rank_blame, unshard
 from llmdiff.config import ModulePattern, StepSet
 from llmdiff.errors import LlmdiffError, UsageError
 from llmdiff.store.reader import DATA_MISSING, Dump
 from llmdiff.store.schema import Entry
+
+Shards = tuple[tuple[int, int, int], ...] | None  # Entry.shards: (rank, first column, end)
 
 #: A user metric: ``func(golden, target) -> float`` or ``-> (float, message)`` (msIT's signature).
 Algorithm = Callable[[torch.Tensor, torch.Tensor], Any]
@@ -121,6 +123,7 @@ class _Deferred:
     rtol: float
     atol: float
     dtype: str
+    shards: Shards = None
 
 
 @dataclass
@@ -133,11 +136,16 @@ class _Chunk:
     pending: dict[tuple[Any, ...], EntryResult] = field(default_factory=dict)  # measured at the chunk's end
 
 
+def run_dtype(golden: Dump, target: Dump) -> str:
+    """The lower precision of the two runs. Engines upcast logits to float32 at the end of a bfloat16
+    model: the logits' budget is the run's precision, not their own dtype's."""
+    return lower_precision(*{e.dtype for d in (golden, target) for e in d.entries})
+
+
 class _Comparer:
     def __init__(self, golden: Dump, target: Dump, options: Options) -> None:
         self.golden, self.target, self.options = golden, target, options
-        # Engines upcast logits to float32 at the end of a bfloat16 model: their budget is the run's precision.
-        self.run_dtype = lower_precision(*{e.dtype for d in (golden, target) for e in d.entries})
+        self.run_dtype = run_dtype(golden, target)
         self._measured: dict[tuple[Any, ...], EntryResult] = {}  # by the stored tensors measured
 
     def results(self, indices: range, pairs: Sequence[EntryPair],
@@ -148,7 +156,7 @@ class _Comparer:
         if chunk.deferred:
             batch = pair_stats_batch([(d.golden, d.target, d.rtol, d.atol) for d in chunk.deferred])
             for d, stats in zip(chunk.deferred, batch, strict=True):
-                self._judge_tensors(d.result, d.golden, d.target, d.dtype, stats)
+                self._judge_tensors(d.result, d.golden, d.target, d.dtype, stats, d.shards)
         for result, source in chunk.copies:
             _copy_measurement(result, source)
         self._measured.update(chunk.pending)  # complete now, for the chunks that follow
@@ -203,6 +211,7 @@ class _Comparer:
         if (result.rank, result.step) in tokens_differ:
             result.status = TOKENS_DIFFER
             result.reason = "the two runs were fed different tokens at this step"
+            result.rank_errors = result.ranks = None  # a failure only: this step's inputs differ
         return result
 
     def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str,
@@ -219,13 +228,16 @@ class _Comparer:
                 result.status, result.reason = FAIL, f"{different} of {golden.numel()} values differ"
             return
         rtol, atol = self.options.tolerance.allclose_tolerances(dtype)
+        shards = (t.shards or g.shards) if g.shape == t.shape else None
         if golden.numel() <= BATCH_MAX and not result.logits and not self.options.algorithms:
-            deferred.append(_Deferred(result, golden, target, rtol, atol, dtype))
+            deferred.append(_Deferred(result, golden, target, rtol, atol, dtype, shards))
             return
-        self._judge_tensors(result, golden, target, dtype, pair_stats(golden, target, rtol, atol))
+        self._judge_tensors(result, golden, target, dtype, pair_stats(golden, target, rtol, atol), shards)
 
     def _judge_tensors(self, result: EntryResult, golden: torch.Tensor, target: torch.Tensor, dtype: str,
-                       stats: PairStats) -> None:
+                       stats: PairStats, shards: Shards = None) -> None:
+        """Metrics and status of a float pair; a failing pair reassembled from TP shards also gets its
+        ranks' errors (see :func:`~llmdiff.compare.unshard.rank_blame`), while its tensors are at hand."""
         metrics: dict[str, Any] = {name: fn(stats) for name, fn in TENSOR_METRICS.items()}
         metrics["mismatches"] = stats.mismatches
         metrics["nonfinite_mismatch"] = stats.nonfinite_mismatch
@@ -254,6 +266,8 @@ class _Comparer:
             ok, reason = tolerance.judge(metrics, dtype)
         if not ok and result.status == PASS:  # a step fed different tokens keeps that status
             result.status, result.reason = FAIL, reason
+            if shards:
+                result.rank_errors, result.ranks = rank_blame(golden, target, shards, result.budget or 0.0)
 
     def _compare_stats(self, result: EntryResult, gs: dict[str, Any], ts: dict[str, Any], dtype: str) -> None:
         result.kind = "stats"
@@ -282,6 +296,7 @@ class _Comparer:
 def _copy_measurement(result: EntryResult, source: EntryResult) -> None:
     result.metrics, result.error, result.kind = dict(source.metrics), source.error, source.kind
     result.status, result.reason = source.status, source.reason
+    result.rank_errors, result.ranks = source.rank_errors, source.ranks
 
 
 def _run_algorithm(name: str, func: Algorithm, golden: torch.Tensor, target: torch.Tensor) -> float | None:
@@ -405,15 +420,18 @@ def close(p: Plan) -> None:
         dump.close()
 
 
+def _measure_and_close(p: Plan) -> list[EntryResult]:
+    try:
+        return measure(p)
+    finally:
+        close(p)
+
+
 def compare_dumps(golden: Dump, target: Dump, options: Options | None = None) -> Comparison:
     """Compare two opened dumps. See :func:`llmdiff.compare` for the options."""
     options = options or Options()
     p = plan(golden, target, options)
-    try:
-        entries = measure(p)
-    finally:
-        close(p)
-    return conclude(p, entries)
+    return conclude(p, _measure_and_close(p))
 
 
 def ranks_agree(dump: Dump, options: Options) -> dict[str, Any]:
@@ -436,7 +454,7 @@ def ranks_plan(dump: Dump, options: Options) -> Plan:
     if views is None:
         raise UsageError(f"--across-ranks: {dump.path} is not a tensor-parallel dump (no process records a "
                          "TP size above 1)")
-    solo = Options(**{**options.__dict__, "mapping": None, "engines": (None, None), "progress": None})
+    solo = replace(options, mapping=None, engines=(None, None), progress=None)
     return plan(*views, solo, check_ranks=False)
 
 
@@ -453,11 +471,7 @@ def compare_ranks(dump: Dump, options: Options | None = None) -> Comparison:
     """Every replicated tensor of each rank ``r > 0`` against rank 0's (``llmdiff compare --across-ranks``):
     a rank that departs is localized like any divergence; its results carry its rank."""
     p = ranks_plan(dump, options or Options())
-    try:
-        entries = measure(p)
-    finally:
-        close(p)
-    return conclude_ranks(p, entries)
+    return conclude_ranks(p, _measure_and_close(p))
 
 
 def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
@@ -466,14 +480,11 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
     lost = [x for pr in p.pairs for x in (pr.golden, pr.target) if x is not None and x.note == DATA_MISSING]
     if cross is not None:  # a canonical point needs its own entries' data: count those lost behind the views
         lost += [e for d in p.viewed for e in d.entries if e.note == DATA_MISSING]
-    if any(x is not None and x.shards for pr in p.pairs for x in (pr.golden, pr.target)):
-        blame_ranks(entries, p.pairs, golden, target)
-    run_dtype = lower_precision(*{e.dtype for d in (golden, target) for e in d.entries})
     token_thresholds = dict(options.tolerance.thresholds)
     if options.tolerance.logits_min_cosine is not None:
         token_thresholds.setdefault("cosine", options.tolerance.logits_min_cosine)
     tokens = analyze_tokens(entries, p.golden_ids, p.target_ids, token_thresholds, options.tolerance.kl_budget,
-                            run_dtype)
+                            run_dtype(golden, target))
     culprits, had_inputs = find_culprits(entries)
     culprit_ranks(culprits, entries)
     first = first_divergence(entries, culprits)

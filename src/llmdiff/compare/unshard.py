@@ -9,7 +9,8 @@ comes from the layout the rank recorded at capture time, read through the engine
 :func:`unshard` returns a view dump of one process: replicated entries are rank 0's, sharded ones
 are reassembled on load (fused q/k/v and gate/up slices de-interleaved part by part), and each
 reassembled entry remembers which columns came from which rank (``Entry.shards``), so a failing
-tensor can name the rank whose slice carries the error (:func:`blame_ranks`).
+tensor can name the rank whose slice carries the error (:func:`rank_blame`, called where the pair is
+measured).
 
 :func:`across_ranks` pairs every replicated entry of rank ``r`` with rank 0's: compared as usual,
 a rank that departs from its peers is localized like any other divergence.
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llmdiff.compare.results import FAILING, Culprit, EntryResult
+from llmdiff.compare.results import Culprit, EntryResult
 from llmdiff.engines import Shard, shard_of
 from llmdiff.store.reader import DATA_MISSING, Dump, ProcessDump
 from llmdiff.store.schema import Entry
@@ -33,7 +34,8 @@ from llmdiff.store.schema import Entry
 Key = tuple[int, str, int, str, str]  # step, module, call, part, path
 
 
-def _engine(proc: ProcessDump) -> dict[str, Any]:
+def process_engine(proc: ProcessDump) -> dict[str, Any]:
+    """What a process recorded about the engine holding its model (``{}`` for none)."""
     for model in proc.info.get("models") or []:
         engine = model.get("engine") if isinstance(model, dict) else None
         if isinstance(engine, dict):
@@ -46,7 +48,7 @@ def tp_ranks(dump: Dump) -> dict[int, ProcessDump]:
     ranks: dict[int, ProcessDump] = {}
     sizes = set()
     for proc in dump.processes:
-        engine = _engine(proc)
+        engine = process_engine(proc)
         rank, size = engine.get("tp_rank"), engine.get("tp_size")
         if rank is None:  # no distributed state was reachable at capture: the parallel layers' own record
             layer: dict[str, Any] = next(iter((engine.get("parallel") or {}).values()), {})
@@ -95,12 +97,17 @@ class Unsharded:
     notes: list[str] = field(default_factory=list)
 
 
+def add_up(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum of same-shaped tensors, accumulated in float64, in the first one's dtype."""
+    total = tensors[0].to(torch.float64) if tensors[0].is_floating_point() else tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total.to(tensors[0].dtype)
+
+
 def _assemble(tensors: list[torch.Tensor], shards: list[Shard]) -> torch.Tensor:
     if shards[0].combine == "sum":
-        total = tensors[0].to(torch.float64) if tensors[0].is_floating_point() else tensors[0]
-        for t in tensors[1:]:
-            total = total + t
-        return total.to(tensors[0].dtype)
+        return add_up(tensors)
     pieces = [torch.split(t, list(s.widths), dim=-1) for t, s in zip(tensors, shards, strict=True)]
     return torch.cat([p[j] for j in range(len(shards[0].widths)) for p in pieces], dim=-1)
 
@@ -123,8 +130,8 @@ def unshard(dump: Dump) -> Unsharded | None:
     size = len(ranks)
     order = [ranks[r] for r in sorted(ranks)]
     base = order[0]
-    engine = str(_engine(base).get("name") or "")
-    layouts = [_engine(p).get("parallel") or {} for p in order]
+    engine = str(process_engine(base).get("name") or "")
+    layouts = [process_engine(p).get("parallel") or {} for p in order]
     by_key = [{_key(e): e for e in p.entries} for p in order[1:]]
     recipes: dict[str, _Recipe] = {}
     entries: list[Entry] = []
@@ -192,8 +199,8 @@ def across_ranks(dump: Dump) -> tuple[Dump, Dump] | None:
     if not ranks:
         return None
     order = [ranks[r] for r in sorted(ranks)]
-    engine = str(_engine(order[0]).get("name") or "")
-    layout = _engine(order[0]).get("parallel") or {}
+    engine = str(process_engine(order[0]).get("name") or "")
+    layout = process_engine(order[0]).get("parallel") or {}
     replicated = [e for e in order[0].entries if shard_of(engine, e.module, e.part, e.path, layout) is None]
     golden: list[Entry] = []
     target: list[Entry] = []
@@ -227,23 +234,14 @@ def rank_errors(golden: torch.Tensor, target: torch.Tensor, shards: Sequence[tup
     return {r: (math.sqrt(diff2[r] / ref2[r]) if ref2[r] else (0.0 if diff2[r] == 0 else math.inf)) for r in diff2}
 
 
-def blame_ranks(results: Sequence[EntryResult], pairs: Sequence[Any], golden: Dump, target: Dump) -> None:
-    """For each failing reassembled tensor: each rank's error (``metrics['rank_rel_l2']``) and the ranks
-    out of budget (``ranks``; the worst one when the failure is not in rel_l2)."""
-    for result in results:
-        pair = pairs[result.index]
-        g, t = pair.golden, pair.target
-        if result.status not in FAILING or g is None or t is None or g.data is None or t.data is None:
-            continue
-        shards = t.shards or g.shards
-        if not shards or g.shape != t.shape:
-            continue
-        errors = rank_errors(golden.load(g), target.load(t), shards)
-        budget = result.budget or 0.0
-        worst = max(errors.values())
-        result.rank_errors = errors
-        result.ranks = sorted(r for r, err in errors.items() if err > budget) or [
-            r for r, err in errors.items() if err == worst]
+def rank_blame(golden: torch.Tensor, target: torch.Tensor, shards: Sequence[tuple[int, int, int]],
+               budget: float) -> tuple[dict[int, float], list[int]]:
+    """Of a failing reassembled tensor: each rank's error (:func:`rank_errors`) and the ranks out of
+    ``budget`` (the worst one when the failure is not in rel_l2)."""
+    errors = rank_errors(golden, target, shards)
+    worst = max(errors.values())
+    return errors, sorted(r for r, err in errors.items() if err > budget) or [
+        r for r, err in errors.items() if err == worst]
 
 
 def culprit_ranks(culprits: Sequence[Culprit], results: Sequence[EntryResult]) -> None:
