@@ -15,13 +15,29 @@ import torch
 _MAX_DEPTH = 8
 
 
+_INDEX = [str(i) for i in range(64)]
+_LEAVES = (type(None), bool, int, float, str)
+
+
 def flatten(obj: Any) -> list[tuple[str, torch.Tensor]]:
     """Every tensor inside ``obj`` with its dotted path, in a stable order."""
     if isinstance(obj, torch.Tensor):  # the common cases first: hooks run this for every module call
         return [("", obj)]
     found: list[tuple[str, torch.Tensor]] = []
-    if type(obj) is tuple and all(isinstance(v, torch.Tensor) for v in obj):
-        return [(str(i), v) for i, v in enumerate(obj)]
+    if type(obj) is tuple and len(obj) <= len(_INDEX):
+        for i, v in enumerate(obj):
+            if isinstance(v, torch.Tensor):
+                found.append((_INDEX[i], v))
+            elif not isinstance(v, _LEAVES):
+                _walk(v, _INDEX[i], 1, found)
+        return found
+    if type(obj) is dict:  # keyword arguments
+        for k, v in obj.items():
+            if isinstance(v, torch.Tensor):
+                found.append((str(k), v))
+            elif not isinstance(v, _LEAVES):
+                _walk(v, str(k), 1, found)
+        return found
     _walk(obj, "", 0, found)
     return found
 

@@ -25,28 +25,28 @@ def op_name(func: Callable[..., Any]) -> str:
 
 
 class OpRecorder(TorchFunctionMode):
-    """Calls ``record(name, func, args, kwargs, output)`` after each op that ``wanted(name)``.
+    """Calls ``record(name, args, kwargs, output)`` after each op whose name ``wanted(name)`` accepts,
+    while ``active()`` is true (inside a hooked module, and not the capture's own computing).
 
-    ``busy()`` true means the capture itself is computing (statistics, copies): its own ops pass
-    through unrecorded. Inside ``__torch_function__`` the mode is off, so ops called by an op's
-    own implementation are not seen as separate calls.
+    Inside ``__torch_function__`` the mode is off, so ops called by an op's own implementation are
+    not seen as separate calls. Most ops are not wanted (``size``, ``dim``, ``shape``...): the name and
+    the answer of ``wanted`` are kept per function, so such an op costs one dictionary lookup.
     """
 
-    def __init__(self, wanted: Callable[[str], bool], busy: Callable[[], bool],
+    def __init__(self, wanted: Callable[[str], bool], active: Callable[[], bool],
                  record: Callable[[str, tuple[Any, ...], dict[str, Any], Any], None]) -> None:
         super().__init__()
-        self.wanted, self.busy, self.record = wanted, busy, record
-        self._names: dict[Any, str] = {}
+        self.wanted, self.active, self.record = wanted, active, record
+        self._known: dict[Any, tuple[str, bool]] = {}
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
-        if self.busy():
-            return output
-        name = self._names.get(func)
-        if name is None:
-            name = self._names[func] = op_name(func)
-        if self.wanted(name):
-            self.record(name, args, kwargs, output)
+        known = self._known.get(func)
+        if known is None:
+            name = op_name(func)
+            known = self._known[func] = (name, self.wanted(name))
+        if known[1] and self.active():
+            self.record(known[0], args, kwargs, output)
         return output

@@ -22,7 +22,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,13 +44,22 @@ from llmdiff.config import (
 from llmdiff.engines import EngineSteps, engine_steps, resolve_model
 from llmdiff.errors import LlmdiffError
 from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, Entry, StepRecord
-from llmdiff.store.writer import DumpWriter
+from llmdiff.store.writer import DumpWriter, spare_cpu
 
 _active: list[Capture] = []
 
 #: Copies waiting for their statistics are reduced, read back and handed to the writer at the latest at this
 #: many bytes (and at each step's end); statistics-only copies live in reusable memory of this size.
 FLUSH_BYTES = 64 << 20
+
+
+class _Hooked(NamedTuple):
+    """What a hooked module's hooks need at every call, worked out when it is attached."""
+
+    name: str  # its path in the model
+    type_name: str
+    parent: str  # the path of the module that contains it ("" at the root)
+    wanted: bool  # whether the filters select it (its call index and the step are checked per call)
 
 
 class LlmdiffWarning(UserWarning):
@@ -152,13 +161,14 @@ class Capture:
         self._in_scope = False
         self._handles: list[RemovableHandle] = []
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-        self._hooked: dict[int, str] = {}  # id(module) -> path, for the hooks (the hooks keep the modules attached)
+        # id(module) -> what its hooks need, worked out once (the hooks keep the modules attached)
+        self._hooked: dict[int, _Hooked] = {}
         self._models: list[dict[str, str]] = []
         self._model_index: dict[int, int] = {}
         self._writer: DumpWriter | None = None
         self._start_time = ""
         self._calls: dict[str, int] = {}
-        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, Entry]] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, int]] = {}  # id -> (tensor, version, seq)
         self._token_ids: list[Any] | None = None
         self._step_entries = 0
         self._depth = 0
@@ -166,11 +176,17 @@ class Capture:
         self._kwargs_pending: set[int] = set()
         self._seq = 0
         self._graph_capture_seen = False
-        self._module_selected: dict[str, bool] = {}
+        self._selected_key: tuple[Any, ...] | None = None  # what _step_selected's cached answer holds for
+        self._selected_now = False
         self._pending: list[tuple[Entry, torch.Tensor | None, int | None, bool]] = []
         self._pending_bytes = 0
         self._staging = Arena(FLUSH_BYTES)
         self._pinned_calls = any(p.call is not None for p in self.config.modules)
+        self._inputs = "input" in self.config.parts
+        self._devices = bool(self.config.devices)
+        self._keep = self.config.mode == "tensor"  # full tensors are stored (unless larger than _max_size)
+        self._max_size = self.config.max_tensor_size
+        self._outputs = "output" in self.config.parts
         self._module_stack: list[str] = []
         self._busy = False  # the capture's own torch calls are not ops of the model
         self._weights_saved = False
@@ -212,7 +228,8 @@ class Capture:
             config = self.config
             self.save_weights(self.model, lambda path, owner: config.selects_module(path, type(owner).__name__))
         if self._ops_wanted is not None:
-            self._op_mode = OpRecorder(self._op_wanted, lambda: self._busy, self._record_op)
+            self._op_mode = OpRecorder(self._ops_wanted, lambda: self._depth > 0 and not self._busy,
+                                       self._record_op)
             self._op_mode.__enter__()
         self._started = True
         _active.append(self)
@@ -339,7 +356,8 @@ class Capture:
         for name, module in root.named_modules():
             if module in self._names:
                 continue
-            self._names[module] = self._hooked[id(module)] = name
+            self._names[module] = name
+            self._hooked[id(module)] = self._hooked_entry(module, name)
             # Op-level capture names an op by the module running it, so it hooks every module; the callers
             # of a selected shared module are hooked too (not recorded) so that its calls can name them.
             if (module is root or cfg.level != "module" or name in callers
@@ -363,7 +381,11 @@ class Capture:
     def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         busy, self._busy = self._busy, True
         try:
-            self._pre_call(module, args, kwargs)
+            if self._op_mode is None:
+                self._pre_call(module, args, kwargs)
+            else:
+                with torch._C.DisableTorchFunction():  # the capture's own tensor calls are not the model's ops
+                    self._pre_call(module, args, kwargs)
         except Exception as exc:
             self._internal_error(exc)
         finally:
@@ -372,7 +394,11 @@ class Capture:
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         busy, self._busy = self._busy, True
         try:
-            self._post_call(module, args, kwargs, output)
+            if self._op_mode is None:
+                self._post_call(module, args, kwargs, output)
+            else:
+                with torch._C.DisableTorchFunction():
+                    self._post_call(module, args, kwargs, output)
         except Exception as exc:
             self._internal_error(exc)
         finally:
@@ -386,7 +412,13 @@ class Capture:
             warnings.warn(f"llmdiff: capture error (the program goes on): {type(exc).__name__}: {exc}",
                           LlmdiffWarning, stacklevel=2)
 
+    def _hooked_entry(self, module: nn.Module, name: str) -> _Hooked:
+        type_name = type(module).__name__
+        wanted = self.config.level != "op" and self.config.selects_module(name, type_name)
+        return _Hooked(name, type_name, name.rpartition(".")[0], wanted)
+
     def _pre_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Runs for every module call: one lookup of what was worked out at attach, then plain reads.
         self.calls_seen += 1
         if self._depth == 0:
             if self._engine is not None:
@@ -395,20 +427,25 @@ class Capture:
             elif self.auto_step:
                 self._begin_step(args, kwargs)
         self._depth += 1
-        name = self._hooked.get(id(module), type(module).__name__)
-        call = self._calls[name] = self._calls.get(name, -1) + 1
+        hooked = self._hooked.get(id(module)) or self._hooked_entry(module, type(module).__name__)
+        name = hooked.name
+        calls = self._calls
+        call = calls[name] = calls.get(name, -1) + 1
         # A module shared by several callers (vLLM's one rotary_emb for every layer) records who called it.
-        caller = self._module_stack[-1] if self._module_stack else None
-        if caller is not None and (not caller or name.startswith(caller + ".")):  # by an ancestor: nothing to say
-            caller = None
+        stack = self._module_stack
+        caller = stack[-1] if stack else None
+        if caller is not None and (caller == hooked.parent or not caller or name.startswith(caller + ".")):
+            caller = None  # called by an ancestor: nothing to say
         self._open_calls.setdefault(id(module), []).append((call, caller))
-        self._module_stack.append(name)
+        stack.append(name)
         scope = self.config.scope
         if scope is not None and not self._in_scope and scope[0].matches(name) and scope[0].call in (None, call):
             self._in_scope = True
-        if "input" in self.config.parts and self._selected(module, name, call):
-            self._record_all(module, name, call, "input", args, caller)
-            self._record_all(module, name, call, "kwarg", kwargs, caller)
+        if hooked.wanted and self._inputs and self._call_selected(name, call):
+            if args:
+                self._record_all(hooked, call, "input", args, caller)
+            if kwargs:
+                self._record_all(hooked, call, "kwarg", kwargs, caller)
 
     def _post_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         stack = self._open_calls.get(id(module))
@@ -418,34 +455,29 @@ class Capture:
         self._depth -= 1
         if self._module_stack:
             self._module_stack.pop()
-        name = self._hooked.get(id(module), type(module).__name__)
-        if id(module) in self._kwargs_pending:
+        hooked = self._hooked.get(id(module)) or self._hooked_entry(module, type(module).__name__)
+        name = hooked.name
+        if self._kwargs_pending and id(module) in self._kwargs_pending:
             self._kwargs_pending.discard(id(module))
             if self._depth == 0 and self.auto_step and self._token_ids is None:
                 self._token_ids = _token_ids(args, kwargs)
-            if "input" in self.config.parts and self._selected(module, name, call):
-                self._record_all(module, name, call, "kwarg", kwargs, caller)
-        if "output" in self.config.parts and self._selected(module, name, call):
-            self._record_all(module, name, call, "output", output, caller)
+            if hooked.wanted and self._inputs and kwargs and self._call_selected(name, call):
+                self._record_all(hooked, call, "kwarg", kwargs, caller)
+        if hooked.wanted and self._outputs and self._call_selected(name, call):
+            self._record_all(hooked, call, "output", output, caller)
         scope = self.config.scope
         if scope is not None and self._in_scope and scope[1].matches(name) and scope[1].call in (None, call):
             self._in_scope = False
         if self._depth == 0 and self.auto_step and self._engine is None:
             self._end_step()
 
-    def _selected(self, module: nn.Module, name: str, call: int) -> bool:
-        if (self.config.level == "op" or not self._step_selected()
-                or (self.config.scope is not None and not self._in_scope)):
+    def _call_selected(self, name: str, call: int) -> bool:
+        """Whether this call of a selected module is recorded (step, scope, ``:i`` call index)."""
+        if not self._step_selected() or (self.config.scope is not None and not self._in_scope):
             return False
-        selected = self._module_selected.get(name)
-        if selected is None:
-            selected = self._module_selected[name] = self.config.selects_module(name, type(module).__name__)
-        return selected and (not self._pinned_calls or self.config.selects_call(name, call))
+        return not self._pinned_calls or self.config.selects_call(name, call)
 
     # -- ops ------------------------------------------------------------------------------------------
-    def _op_wanted(self, name: str) -> bool:
-        return self._depth > 0 and self._ops_wanted is not None and self._ops_wanted(name)
-
     def _record_op(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         self._busy = True
         try:
@@ -475,6 +507,14 @@ class Capture:
                 self._record(full, "op", call, "output", path, tensor)
 
     def _step_selected(self) -> bool:
+        # Asked at every module call; what it depends on changes only between steps.
+        key = (self.current_step, self._engine is None, self._engine_step_open, self.rank)
+        if key != self._selected_key:
+            self._selected_key = key
+            self._selected_now = self._step_selected_now()
+        return self._selected_now
+
+    def _step_selected_now(self) -> bool:
         if self._engine is not None and not self._engine_step_open:
             return False  # an engine's warm-up pass, or between its steps
         ranks = self.config.ranks
@@ -532,60 +572,62 @@ class Capture:
         self._engine = None
 
     # -- recording --------------------------------------------------------------------------------------
-    def _record_all(self, module: nn.Module, name: str, call: int, part: str, value: Any,
-                    caller: str | None = None) -> None:
-        if type(value) in (tuple, dict) and not value:
-            return  # no positional arguments, no keyword arguments: the common case, kept cheap
-        type_name = type(module).__name__
+    def _record_all(self, hooked: _Hooked, call: int, part: str, value: Any, caller: str | None) -> None:
         for path, tensor in flatten(value):
-            self._record(name, type_name, call, part, path, tensor, caller)
+            self._record(hooked.name, hooked.type_name, call, part, path, tensor, caller)
 
     def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor,
                 caller: str | None = None) -> None:
         # Runs for every captured tensor: kept to plain attribute reads and one copy.
-        cfg = self.config
         where = tensor.device
-        device = _DEVICE_NAMES.get(where) or _device_name(where)
-        if cfg.devices and not cfg.selects_device(device):
+        place = _PLACES.get(where) or _place(where)
+        if self._devices and not self.config.selects_device(place.name):
             return
-        if where.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if place.cuda and torch.cuda.is_current_stream_capturing():
             self._graph_capture_seen = True
             return
         if self._writer is None:
             self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
-        entry = Entry(self._seq, self.rank or 0, self.current_step, module, type_name, call, part, path,
-                      list(tensor.shape), _dtype_name(tensor.dtype), device, None, caller=caller)
-        self._seq += 1
+        seq = self._seq
+        dtype = tensor.dtype
+        entry = Entry(seq, self.rank or 0, self.current_step, module, type_name, call, part, path,
+                      list(tensor.shape), _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), place.name, None, None,
+                      None, caller)
+        self._seq = seq + 1
         self._step_entries += 1
         self.entries += 1
-        if tensor.layout != torch.strided or where.type == "meta":
-            entry.note = f"not recorded: {tensor.layout} tensor on {device}"
+        if tensor.layout is not torch.strided or place.meta:
+            entry.note = f"not recorded: {tensor.layout} tensor on {place.name}"
             self._pending.append((entry, None, None, False))
             return
         # The same tensor, unchanged, is stored once. Inference-mode tensors (vLLM) have no version counter,
         # so nothing tells whether they changed in place (vLLM's fused add+norm does): each is copied.
         if not tensor.is_inference():
-            seen = self._seen.get(id(tensor))
-            if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
-                self._pending.append((entry, None, seen[2].seq, False))
+            key, version = id(tensor), tensor._version
+            seen = self._seen.get(key)
+            if seen is not None and seen[1] == version and seen[0]() is tensor:
+                self._pending.append((entry, None, seen[2], False))
                 return
-            self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version, entry)
-        too_big = cfg.max_tensor_size is not None and tensor.numel() > cfg.max_tensor_size
-        if too_big and cfg.mode == "tensor":
-            entry.note = f"stats only: {tensor.numel()} elements > max_tensor_size {cfg.max_tensor_size}"
-        keep = cfg.mode == "tensor" and not too_big
+            self._seen[key] = (weakref.ref(tensor), version, seq)
+        numel = tensor.numel()
+        keep = self._keep
+        max_size = self._max_size
+        if max_size is not None and numel > max_size:
+            if keep:
+                entry.note = f"stats only: {numel} elements > max_tensor_size {max_size}"
+            keep = False
         # What the model does next cannot change what was recorded. A copy that is only reduced to
         # statistics goes into reusable memory; one that is stored gets its own.
         copy = None
-        if not keep and tensor.numel() > SEGMENT_MAX:
+        if not keep and numel > SEGMENT_MAX:
             copy = self._staging.copy(tensor)
             if copy is None and self._pending:
                 self._flush()  # the staging memory is full: read back what it holds, then reuse it
                 copy = self._staging.copy(tensor)
         if copy is None:
-            copy = tensor.detach().clone()
+            copy = (tensor.detach() if tensor.requires_grad else tensor).clone()
         self._pending.append((entry, copy, None, keep))
-        self._pending_bytes += copy.numel() * copy.element_size()
+        self._pending_bytes += numel * copy.element_size()
         if self._pending_bytes >= FLUSH_BYTES:
             self._flush()
 
@@ -621,7 +663,9 @@ class Capture:
         if self._writer is None:
             self.folder, self.rank = _claim_process_folder(self.run_dir)
             self._write_process_file(end=None)
-            self._writer = DumpWriter(self.folder)
+            # A model on an accelerator leaves the host's cores to the writer; on CPU only spare cores do.
+            on_device = any(info["device"] not in ("", "cpu") for info in self._models)
+            self._writer = DumpWriter(self.folder, background=on_device or spare_cpu())
         return self._writer
 
     def _write_process_file(self, end: str | None) -> None:
@@ -680,13 +724,19 @@ def _claim_process_folder(run_dir: Path) -> tuple[Path, int]:
             index += 1
 
 
+class _Place(NamedTuple):
+    name: str  # as written in the manifest: "cpu", "cuda:0"
+    cuda: bool
+    meta: bool
+
+
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
-_DEVICE_NAMES: dict[torch.device, str] = {}
+_PLACES: dict[torch.device, _Place] = {}
 
 
-def _device_name(device: torch.device) -> str:
-    name = _DEVICE_NAMES[device] = str(device)
-    return name
+def _place(device: torch.device) -> _Place:
+    place = _PLACES[device] = _Place(str(device), device.type == "cuda", device.type == "meta")
+    return place
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -89,7 +89,8 @@ def _reduce_group(tensors: list[torch.Tensor]) -> torch.Tensor:
         matrix = torch.view_as_real(matrix)
     matrix = matrix.reshape(len(tensors), -1)
     matrix = matrix.to(_work_dtype(matrix.dtype))
-    lo, hi = torch.aminmax(matrix, dim=1)
+    # Not aminmax(dim=1): row-wise it is ~10x slower than amin and amax on CPU (measured on decode shapes).
+    lo, hi = matrix.amin(dim=1), matrix.amax(dim=1)
     total = matrix.sum(dim=1)
     deviation = matrix - (total / matrix.shape[1]).unsqueeze(1)
     m2 = (deviation * deviation).sum(dim=1)
@@ -119,7 +120,7 @@ def reduce_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     parts: list[torch.Tensor] = []
     for indices in groups.values():
         order.extend(indices)
-        parts.append(_reduce_group([tensors[i].detach() for i in indices]))
+        parts.append(_reduce_group([tensors[i] for i in indices]))
     if large:
         order.extend(large)
         parts.append(torch.stack(scalars).reshape(-1, 4))
@@ -176,12 +177,27 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     return stats
 
 
+def _finish_rows(table: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`row_stats` for a whole table on its device: ``[k, 6]`` of min, max, mean, std, norm and 1.0
+    where the row is finite (else 0.0), by the same float64 operations in the same order."""
+    numel = torch.tensor([t.numel() * (2 if t.is_complex() else 1) for t in tensors], dtype=torch.float64,
+                         device=table.device)
+    lo, hi, total, m2 = table.unbind(1)
+    mean = total / numel
+    std = torch.sqrt(torch.clamp(m2 / numel, min=0.0))
+    norm = torch.sqrt(torch.clamp(m2, min=0.0) + numel * mean * mean)
+    finite = torch.isfinite(table).all(dim=1) & (numel > 0)
+    return torch.stack([lo, hi, mean, std, norm, finite.to(torch.float64)], dim=1)
+
+
 def batch_stats(tensors: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     """:func:`tensor_stats` of many tensors of one device, with one read-back for all finite ones (only a
     tensor whose row shows NaN/Inf or overflow is looked at again, by :func:`tensor_stats`)."""
-    rows = read_back(reduce_rows(tensors))
-    results = [row_stats(row, t) for row, t in zip(rows, tensors, strict=True)]
-    return [r if r is not None else tensor_stats(t) for r, t in zip(results, tensors, strict=True)]
+    if not tensors:
+        return []
+    rows = read_back(_finish_rows(reduce_rows(tensors), tensors))
+    return [{"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": 0, "inf": 0} if finite
+            else tensor_stats(t) for (lo, hi, mean, std, norm, finite), t in zip(rows, tensors, strict=True)]
 
 
 def content_hash(t: torch.Tensor) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -107,7 +107,7 @@ def align(golden: Sequence[Entry], target: Sequence[Entry], mapping: Mapping | N
         out = []
         for entry in entries:
             if mapping.golden or mapping.target:
-                entry = Entry(**{**entry.__dict__, "module": mapping.rename(entry.module, side)})
+                entry = replace(entry, module=mapping.rename(entry.module, side))
             if _selected(entry, steps, modules):
                 out.append(entry)
         return out

@@ -50,7 +50,7 @@ def decode_line(raw: bytes) -> Any:
 PARTS = ("input", "kwarg", "output", "save", "param")
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One captured tensor.
 

@@ -1,8 +1,9 @@
 """Writes one process folder of a dump: safetensors shards plus an append-only manifest.
 
-All file I/O runs in one background thread fed by a queue bounded in *bytes*: when the model
+File I/O runs in one background thread fed by a queue bounded in *bytes*: when the model
 produces tensors faster than the disk takes them, ``add`` blocks (back-pressure) instead of
-letting memory grow. Crash safety comes from ordering alone:
+letting memory grow. With ``background=False`` the same work runs in the caller's thread instead
+(see :func:`spare_cpu`). Crash safety comes from ordering alone:
 
 1. tensors collect in memory up to ``shard_bytes``, then go to ``shard-N.safetensors.partial``;
 2. the finished shard is renamed into place (atomic on POSIX);
@@ -30,11 +31,27 @@ from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, SHARD_TEMPLATE, 
 _CLOSE = object()
 
 
+def spare_cpu() -> bool:
+    """Whether a background thread would have a core to itself, beyond torch's intra-op threads.
+
+    When it would not, writing in the background costs more than writing in the model's own thread:
+    each of torch's parallel regions waits at its barrier for the worker that the writer thread
+    displaced (measured on 2 cores, SmolLM2 decode: the writer's ~2.5 us a manifest line cost ~12 us).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
 class DumpWriter:
     """Background writer for one process folder. Call :meth:`close` to drain and finish."""
 
-    def __init__(self, folder: Path, shard_bytes: int = 256 << 20, queue_bytes: int = 1 << 30) -> None:
+    def __init__(self, folder: Path, shard_bytes: int = 256 << 20, queue_bytes: int = 1 << 30,
+                 background: bool = True) -> None:
         self.folder = folder
+        self.background = background
         self.shard_bytes = shard_bytes
         self.queue_bytes = queue_bytes
         self.bytes_written = 0
@@ -50,7 +67,8 @@ class DumpWriter:
         self._pending: list[Entry] = []
         self._stored: dict[int, Entry] = {}
         self._thread = threading.Thread(target=self._run, name="llmdiff-writer", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread.start()
 
     # -- called from the capturing thread -------------------------------------------------------
     def add(self, items: list[tuple[Entry, torch.Tensor | None, int | None]]) -> None:
@@ -58,6 +76,9 @@ class DumpWriter:
         unless None; ``same_as`` instead reuses the data and statistics of an earlier entry (by seq)
         of the current step."""
         self._raise_if_failed()
+        if not self.background:
+            self._handle((items, 0))
+            return
         size = sum(t.numel() * t.element_size() for _, t, _ in items if t is not None)
         if size:
             with self._budget:
@@ -70,6 +91,10 @@ class DumpWriter:
         """Mark a step complete: everything queued before is made durable, then the step line. With ``wait``,
         return only once the step line is written (an engine process may be killed right after a step)."""
         self._raise_if_failed()
+        if not self.background:
+            self._handle(record)
+            self._raise_if_failed()
+            return
         if not wait:
             self._queue.put(record)
             return
@@ -82,6 +107,11 @@ class DumpWriter:
         if self._thread.is_alive():
             self._queue.put(_CLOSE)
             self._thread.join()
+        elif not self.background and not self._manifest.closed:
+            try:
+                self._handle(_CLOSE)
+            finally:
+                self._manifest.close()
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -94,28 +124,39 @@ class DumpWriter:
             while True:
                 item = self._queue.get()
                 if item is _CLOSE:
-                    self._commit()
+                    self._handle(item)
                     return
-                if self.error is not None:
-                    self._release(item)
-                    continue
-                try:
-                    if isinstance(item, tuple) and isinstance(item[0], StepRecord):  # a step someone waits for
-                        try:
-                            self._end_step(item[0])
-                        finally:
-                            item[1].set()
-                    elif isinstance(item, StepRecord):
-                        self._end_step(item)
-                    else:
-                        for entry, tensor, same_as in item[0]:
-                            self._store(entry, tensor, same_as)
-                except BaseException as exc:  # reported to the capturing thread
-                    self.error = exc
-                finally:
-                    self._release(item)
+                self._handle(item)
         finally:
             self._manifest.close()
+
+    def _handle(self, item: Any) -> None:
+        """Do one queued piece of work; a failure is kept in ``error`` for the capturing thread."""
+        if item is _CLOSE:
+            if self.error is None:
+                try:
+                    self._commit()
+                except BaseException as exc:
+                    self.error = exc
+            return
+        if self.error is not None:
+            self._release(item)
+            return
+        try:
+            if isinstance(item, tuple) and isinstance(item[0], StepRecord):  # a step someone waits for
+                try:
+                    self._end_step(item[0])
+                finally:
+                    item[1].set()
+            elif isinstance(item, StepRecord):
+                self._end_step(item)
+            else:
+                for entry, tensor, same_as in item[0]:
+                    self._store(entry, tensor, same_as)
+        except BaseException as exc:  # reported to the capturing thread
+            self.error = exc
+        finally:
+            self._release(item)
 
     def _end_step(self, record: StepRecord) -> None:
         self._commit()
@@ -159,12 +200,10 @@ class DumpWriter:
             self.bytes_written += final.stat().st_size
             self._shard_index += 1
             self._shard, self._shard_size = {}, 0
-        for entry in self._pending:
-            self._write_line(entry.to_json(), flush=False)
+        self._manifest.write(b"".join([encode_line(entry.to_json()) for entry in self._pending]))
         self._pending.clear()
         self._manifest.flush()
 
-    def _write_line(self, record: dict[str, Any], flush: bool = True) -> None:
+    def _write_line(self, record: dict[str, Any]) -> None:
         self._manifest.write(encode_line(record))
-        if flush:
-            self._manifest.flush()
+        self._manifest.flush()
