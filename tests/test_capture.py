@@ -332,3 +332,50 @@ def test_batched_statistics_keep_integers_exact_beside_bf16():
 
     ids, hidden = torch.tensor([34519, 1, 9690]), torch.ones(3, dtype=torch.bfloat16)
     assert batch_stats([ids, hidden])[0]["max"] == 34519.0
+
+
+@pytest.mark.parametrize("level", ["module", "mix"])
+def test_writing_in_the_models_thread_or_in_the_background_gives_the_same_dump(model, prompt, tmp_path,
+                                                                                monkeypatch, level):
+    """Where no core is spare the writer runs in the model's thread: the dump must be the one the background
+    writer gives, line for line and tensor for tensor."""
+    from llmdiff.capture import session
+
+    dumps = {}
+    for background in (True, False):
+        monkeypatch.setattr(session, "spare_cpu", lambda background=background: background)
+        run = tmp_path / f"bg-{background}"
+        with llmdiff.capture(model, run, steps="all", level=level) as cap:
+            generate(model, prompt, 3)
+        assert cap._writer is not None and cap._writer.background is background
+        dumps[background] = llmdiff.open_dump(run)
+    threaded, inline = dumps[True], dumps[False]
+    assert not threaded.problems and not inline.problems
+    assert [(s.step, s.entries, s.token_ids) for s in threaded.steps] == \
+        [(s.step, s.entries, s.token_ids) for s in inline.steps]
+    assert len(threaded.entries) == len(inline.entries) > 100
+    for a, b in zip(threaded.entries, inline.entries, strict=True):
+        assert (a.key, a.seq, a.shape, a.dtype, a.stats, a.data) == (b.key, b.seq, b.shape, b.dtype, b.stats, b.data)
+        if a.data is not None:
+            assert torch.equal(threaded.load(a), inline.load(b))
+
+
+def test_a_failed_write_in_the_models_thread_never_reaches_the_model(model, prompt, tmp_path, monkeypatch):
+    """Writing inline, a disk error is the capture's (counted, warned once), not the program's."""
+    from llmdiff.capture import session
+    from llmdiff.store import writer
+
+    monkeypatch.setattr(session, "spare_cpu", lambda: False)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "serialize_file", full_disk)
+    expected = generate(model, prompt, 3)
+    cap = llmdiff.capture(model, tmp_path / "r", steps="all")
+    with pytest.warns(llmdiff.LlmdiffWarning, match="capture error"):
+        cap.start()
+        got = generate(model, prompt, 3)
+        with pytest.raises(LlmdiffError, match="No space left"):
+            cap.stop()
+    assert torch.equal(got, expected) and cap.internal_errors > 0

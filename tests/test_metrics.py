@@ -97,8 +97,12 @@ def test_allclose_and_thresholds_override():
         parse_thresholds(["cosine"])
 
 
-def test_batched_pair_stats_equal_one_by_one():
-    """Small pairs are measured together in the compare engine: every statistic must equal the reference's."""
+@pytest.mark.parametrize("block", [None, 300])
+def test_batched_pair_stats_equal_one_by_one(block, monkeypatch):
+    """Small pairs are measured together in the compare engine: every statistic must equal the reference's,
+    whether a group is measured at once or in blocks of rows."""
+    if block is not None:
+        monkeypatch.setattr(M, "GROUP_BLOCK", block)
     torch.manual_seed(0)
     shapes = [(1, 6, 64), (64,), (1, 1, 128), (3, 4, 5), (1,), (2, 2), (1, 6, 16), (0,), (7,)]
     pairs = []

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import llmdiff
-from llmdiff.errors import DumpError
+from llmdiff.errors import DumpError, UsageError
 
 
 @pytest.fixture
@@ -53,3 +53,79 @@ def test_not_a_dump(tmp_path):
         llmdiff.open_dump(tmp_path / "f.txt")
     with pytest.raises(DumpError, match="not a dump llmdiff can read"):
         llmdiff.open_dump(tmp_path)
+
+
+def test_the_one_expression_check_of_a_line_reads_what_the_field_by_field_check_reads(dump_dir):
+    """Manifest lines are first checked in one expression; whatever it accepts must parse exactly as the
+    field-by-field path does, and whatever that path refuses the fast one must refuse too."""
+    import copy
+
+    from llmdiff.store.schema import Entry, RecordError, _well_formed_entry
+
+    lines = [json.loads(line) for line in (dump_dir / "proc0" / "manifest.jsonl").read_text().splitlines()]
+    records = [r for r in lines if r["kind"] == "entry"]
+    assert records
+    edits = [("seq", "1"), ("seq", True), ("rank", None), ("shape", [1, -2]), ("shape", [1.0]), ("shape", "3"),
+             ("module", 5), ("module", "caf\u00e9"), ("module", "\udfff"), ("stats", [1]), ("stats", {"min": [1]}),
+             ("data", 5), ("data", {"file": 1, "key": "0"}), ("data", {"file": "s", "key": "\u00e9"}),
+             ("note", 3), ("caller", "\u00e9"), ("device", None), ("type", None)]
+    variants = [copy.deepcopy(r) for r in records]
+    for key, value in edits:
+        edited = copy.deepcopy(records[0])
+        edited[key] = value
+        variants.append(edited)
+    for key in ("seq", "stats", "data", "shape", "module"):
+        dropped = copy.deepcopy(records[0])
+        del dropped[key]
+        variants.append(dropped)
+    fast_accepted = 0
+    for record in variants:
+        fast = _well_formed_entry(copy.deepcopy(record), "proc0")
+        try:
+            checked = Entry._checked(copy.deepcopy(record), "proc0")
+        except RecordError:
+            assert fast is None, record
+            continue
+        if fast is not None:
+            fast_accepted += 1
+            assert fast == checked, record
+    assert fast_accepted >= len(records)
+
+
+def test_a_small_shard_read_whole_gives_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmdiff.store.reader import _WholeShard
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(5),
+               "d": torch.zeros(0, 4), "e": torch.tensor([True, False, True]), "f": torch.randn(2, 3).half()}
+    save_file(tensors, tmp_path / "s.safetensors")
+    shard = _WholeShard(tmp_path / "s.safetensors")
+    expected = load_file(tmp_path / "s.safetensors")
+    for key, tensor in expected.items():
+        got = shard.get_tensor(key)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), key
+    with pytest.raises(KeyError):
+        shard.get_tensor("__metadata__")
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_compare_leaves_the_cycle_collector_as_it_found_it(dump_dir, frozen):
+    """A compare keeps what it read out of Python's collections while it runs (gc.freeze), and leaves the
+    collector as it was: enabled, nothing frozen, or what the program itself froze still frozen."""
+    import gc
+
+    keep = [object() for _ in range(10)]
+    if frozen:
+        gc.freeze()
+    before = gc.get_freeze_count()
+    try:
+        report = llmdiff.compare(dump_dir, dump_dir)
+        assert report.verdict == "match"
+        with pytest.raises(UsageError):
+            llmdiff.compare(dump_dir)
+        assert gc.isenabled() and gc.get_freeze_count() == before
+        assert (before > 0) is frozen
+    finally:
+        gc.unfreeze()
+    del keep

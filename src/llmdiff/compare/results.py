@@ -36,7 +36,7 @@ def clean(value: Any) -> Any:
     return value
 
 
-@dataclass
+@dataclass(slots=True)
 class EntryResult:
     """The comparison of one aligned key. ``error`` is what localization works with: the relative L2
     error of the worst row (token position), or for statistics-only pairs the relative difference

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -118,7 +117,7 @@ class Dump:
             try:
                 size = file.stat().st_size
                 if size <= SMALL_SHARD:  # one read beats thousands of small lookups
-                    handle = safetensors.torch.load(file.read_bytes())
+                    handle = _WholeShard(file)
                 else:
                     handle, size = _LargeShard(file), 0
             except (OSError, SafetensorError) as exc:
@@ -133,7 +132,7 @@ class Dump:
                     oldest = next(iter(self._handles))
                     del self._handles[oldest], self._sizes[oldest]
         try:
-            return handle[entry.data["key"]] if isinstance(handle, dict) else handle.get_tensor(entry.data["key"])
+            return handle.get_tensor(entry.data["key"])
         except (KeyError, SafetensorError) as exc:
             raise DumpError(f"{entry.data['file']}: no tensor {entry.data['key']!r} ({exc})") from None
         except (OSError, ValueError) as exc:
@@ -185,22 +184,18 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64, "C128": torch.complex128}
 
 
-class _LargeShard:
-    """A large shard read one tensor at a time with positioned reads into fresh memory.
-
-    safetensors' ``safe_open`` memory-maps the file, and every page a compare touches then counts as the
-    process's memory until the shard is closed: comparing two 256 MB shards held 1.7 GB. Reads keep the
-    memory to the tensors in use. The header layout is safetensors' documented one (8-byte length, JSON
-    of dtype, shape and byte range per tensor); it was validated by ``safe_open`` when the dump was opened.
-    """
+class _Shard:
+    """A safetensors shard read by its documented layout (8-byte length, then JSON of dtype, shape and byte
+    range per tensor, then the data); the header was validated by ``safe_open`` when the dump was opened."""
 
     def __init__(self, file: Path) -> None:
-        self._file = open(file, "rb")  # noqa: SIM115 - closed when the handle is dropped
-        length = int.from_bytes(self._file.read(8), "little")
-        self._header: dict[str, Any] = json.loads(self._file.read(length))
-        self._base = 8 + length
-        self._fallback: Any = None
         self._path = file
+        self._fallback: Any = None
+
+    def _read_header(self, head: bytes | bytearray) -> None:
+        length = int.from_bytes(head[:8], "little")
+        self._header: dict[str, Any] = json.loads(head[8:8 + length])
+        self._base = 8 + length
 
     def get_tensor(self, key: str) -> torch.Tensor:
         info = self._header.get(key) if key != "__metadata__" else None
@@ -214,11 +209,48 @@ class _LargeShard:
         start, end = info["data_offsets"]
         if end == start:
             return torch.empty(info["shape"], dtype=dtype)
-        data = bytearray(end - start)
-        if os.preadv(self._file.fileno(), [data], self._base + start) != end - start:
-            raise ValueError("the shard is shorter than its header says")
-        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(info["shape"])
+        return self._data(self._base + start, self._base + end, dtype).reshape(info["shape"])
 
+    def _data(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _WholeShard(_Shard):
+    """A small shard read whole, with one read; its tensors are views of that memory (no copy each)."""
+
+    def __init__(self, file: Path) -> None:
+        super().__init__(file)
+        with open(file, "rb") as f:
+            self._bytes = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(self._bytes) != len(self._bytes):
+                raise OSError("the shard changed while it was read")
+        self._read_header(self._bytes[:8 + int.from_bytes(self._bytes[:8], "little")])
+
+    def _data(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        if end > len(self._bytes):
+            raise ValueError("the shard is shorter than its header says")
+        return torch.frombuffer(self._bytes, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
+
+
+class _LargeShard(_Shard):
+    """A large shard read one tensor at a time with positioned reads into fresh memory.
+
+    safetensors' ``safe_open`` memory-maps the file, and every page a compare touches then counts as the
+    process's memory until the shard is closed: comparing two 256 MB shards held 1.7 GB. Reads keep the
+    memory to the tensors in use.
+    """
+
+    def __init__(self, file: Path) -> None:
+        super().__init__(file)
+        self._file = open(file, "rb")  # noqa: SIM115 - closed when the handle is dropped
+        head = self._file.read(8)
+        self._read_header(head + self._file.read(int.from_bytes(head, "little")))
+
+    def _data(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        data = bytearray(end - start)
+        if os.preadv(self._file.fileno(), [data], start) != end - start:
+            raise ValueError("the shard is shorter than its header says")
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype)
 
 def _shard_readable(file: Path, root: Path) -> bool:
     if not (inside(file, root) and file.is_file()):
