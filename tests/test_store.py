@@ -124,8 +124,8 @@ def test_compare_leaves_the_cycle_collector_as_it_found_it(dump_dir, frozen):
         assert report.verdict == "match"
         with pytest.raises(UsageError):
             llmdiff.compare(dump_dir)
-        assert gc.isenabled() and gc.get_freeze_count() == before
-        assert (before > 0) is frozen
+        # nothing of the compare's stays frozen; what the program froze stays so (less what died since)
+        assert gc.isenabled() and (gc.get_freeze_count() > 0) is frozen and gc.get_freeze_count() <= before
     finally:
         gc.unfreeze()
     del keep
