@@ -108,6 +108,13 @@ def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
     subprocess.run([sys.executable, "-m", "llmdiff", "compare", str(golden), str(target)], check=False,
                    stdout=subprocess.DEVNULL)
     out["cli_seconds"] = time.perf_counter() - start
+    # The command's peak memory (it fixes glibc's mmap threshold for itself, which the API does not).
+    command = ("import atexit, sys\n"
+               f"atexit.register(lambda: print({peak}, file=sys.stderr))\n"
+               "from llmdiff.cli import main\nsys.argv = ['llmdiff', 'compare', sys.argv[1], sys.argv[2]]\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", command, str(golden), str(target)], check=False,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out["cli_peak_rss_mb"] = float(done.stderr.strip().splitlines()[-1])
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch, llmdiff.cli"], check=True)
     out["import_seconds"] = time.perf_counter() - start
@@ -187,7 +194,7 @@ def report(results: dict) -> None:
                   f"(baseline after import {c['baseline_rss_mb']:.0f} MB)")
             print(f"  `llmdiff compare` command, process start included: {c['cli_seconds']:.2f}s = "
                   f"{c['bytes'] / c['cli_seconds'] / 1e9:.3f} GB/s, of which {c['import_seconds']:.2f}s is "
-                  "starting Python and importing torch")
+                  f"starting Python and importing torch; peak RSS {c['cli_peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
