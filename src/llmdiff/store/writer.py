@@ -132,12 +132,11 @@ class DumpWriter:
 
     def _handle(self, item: Any) -> None:
         """Do one queued piece of work; a failure is kept in ``error`` for the capturing thread."""
-        if item is _CLOSE:
-            if self.error is None:
-                try:
-                    self._commit()
-                except BaseException as exc:
-                    self.error = exc
+        if item is _CLOSE:  # what was stored before any failure is still written
+            try:
+                self._commit()
+            except BaseException as exc:
+                self.error = self.error or exc
             return
         if self.error is not None:
             self._release(item)
