@@ -120,7 +120,7 @@ class Dump:
                     handle = _WholeShard(file)
                 else:
                     handle, size = _LargeShard(file), 0
-            except (OSError, SafetensorError) as exc:
+            except (OSError, SafetensorError, ValueError) as exc:  # ValueError: a header that is not JSON
                 raise DumpError(f"cannot read {file}: {exc}") from None
             with self._lock:
                 self._handles[key], self._sizes[key] = handle, size
