@@ -10,9 +10,9 @@ of the fast vectorised reductions ``aminmax``, ``sum`` and ``dot``:
   tensors of equal size stacked into a matrix and reduced row-wise, large ones chunk by chunk
   through a reusable scratch buffer (no allocation per tensor);
 * :func:`read_back` moves a table to the host: the only device-to-host transfer of statistics;
-* :func:`row_stats` turns a row into the statistics written to the manifest, or returns None when
-  the row shows NaN or Inf. Only then is :func:`tensor_stats` (exact counts, statistics over the
-  finite values) run on that tensor.
+* :func:`batch_stats` finishes the table on the device (mean, std, norm, and whether a row is finite)
+  and turns its rows into the statistics written to the manifest; only for a row that shows NaN or Inf
+  is :func:`tensor_stats` (exact counts, statistics over the finite values) run on that tensor.
 
 The CPU path and the accelerator path are the same code.
 """
@@ -142,19 +142,6 @@ def read_back(table: torch.Tensor) -> list[list[float]]:
     return rows
 
 
-def row_stats(row: Sequence[float], tensor: torch.Tensor) -> dict[str, Any] | None:
-    """The manifest statistics of ``tensor`` from its row, or None when the row shows NaN or Inf (then
-    :func:`tensor_stats` counts them exactly and reduces the finite values)."""
-    lo, hi, total, m2 = row
-    numel = tensor.numel() * (2 if tensor.is_complex() else 1)  # a complex value is reduced as two reals
-    if numel == 0 or not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(total) and math.isfinite(m2)):
-        return None
-    mean = total / numel
-    var = max(m2 / numel, 0.0)
-    return {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(var),
-            "norm": math.sqrt(max(m2, 0.0) + numel * mean * mean), "nan": 0, "inf": 0}
-
-
 def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     """min, max, mean, population std, L2 norm, NaN and Inf counts of ``t`` as plain Python numbers.
 
@@ -171,15 +158,12 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
         x = x[torch.isfinite(x)]
         if x.numel() == 0:
             return {"min": None, "max": None, "mean": None, "std": None, "norm": None, "nan": nan, "inf": inf}
-    stats = row_stats(read_back(reduce_rows([x]))[0], x)
-    assert stats is not None  # x holds finite values only
-    stats.update(nan=nan, inf=inf)
-    return stats
+    return _row_dict(read_back(_finish_rows(reduce_rows([x]), [x]))[0], nan, inf)
 
 
 def _finish_rows(table: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """:func:`row_stats` for a whole table on its device: ``[k, 6]`` of min, max, mean, std, norm and 1.0
-    where the row is finite (else 0.0), by the same float64 operations in the same order."""
+    """The manifest statistics of a whole table, on its device: ``[k, 6]`` of min, max, mean, std, norm and
+    1.0 where the row is finite (0.0 where it shows NaN, Inf or overflow, or the tensor is empty)."""
     numel = torch.tensor([t.numel() * (2 if t.is_complex() else 1) for t in tensors], dtype=torch.float64,
                          device=table.device)
     lo, hi, total, m2 = table.unbind(1)
@@ -190,14 +174,18 @@ def _finish_rows(table: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.
     return torch.stack([lo, hi, mean, std, norm, finite.to(torch.float64)], dim=1)
 
 
+def _row_dict(row: Sequence[float], nan: int = 0, inf: int = 0) -> dict[str, Any]:
+    lo, hi, mean, std, norm = row[:5]
+    return {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": nan, "inf": inf}
+
+
 def batch_stats(tensors: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     """:func:`tensor_stats` of many tensors of one device, with one read-back for all finite ones (only a
     tensor whose row shows NaN/Inf or overflow is looked at again, by :func:`tensor_stats`)."""
     if not tensors:
         return []
     rows = read_back(_finish_rows(reduce_rows(tensors), tensors))
-    return [{"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": 0, "inf": 0} if finite
-            else tensor_stats(t) for (lo, hi, mean, std, norm, finite), t in zip(rows, tensors, strict=True)]
+    return [_row_dict(row) if row[5] else tensor_stats(t) for row, t in zip(rows, tensors, strict=True)]
 
 
 def content_hash(t: torch.Tensor) -> str:
