@@ -102,7 +102,7 @@ def test_demo_healthy_bf16_matches(tmp_path):
 def test_bench_script_runs(tmp_path):
     out = run([sys.executable, EXAMPLES.parent / "bench" / "run.py", "--quick", "--reps", "1", "--tokens", "2"],
               tmp_path)
-    assert "ratio: stats" in out and "no capture" in out
+    assert "ratio of medians: stats" in out and "ratio of fastest: stats" in out and "no capture" in out
 
 
 @pytest.mark.parametrize("model", MODELS)

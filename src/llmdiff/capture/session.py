@@ -20,7 +20,7 @@ import platform
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -168,7 +168,10 @@ class Capture:
         self._writer: DumpWriter | None = None
         self._start_time = ""
         self._calls: dict[str, int] = {}
-        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], int, int]] = {}  # id -> (tensor, version, seq)
+        # id(tensor) -> (its version, seq) when recorded this step, and a weak reference telling it is still that
+        # tensor (ids are reused); apart, so that the first holds plain values only
+        self._seen: dict[int, tuple[int, int]] = {}
+        self._seen_refs: dict[int, weakref.ref[torch.Tensor]] = {}
         self._token_ids: list[Any] | None = None
         self._step_entries = 0
         self._depth = 0
@@ -178,7 +181,8 @@ class Capture:
         self._graph_capture_seen = False
         self._selected_key: tuple[Any, ...] | None = None  # what _step_selected's cached answer holds for
         self._selected_now = False
-        self._pending: list[tuple[Entry, torch.Tensor | None, int | None, bool]] = []
+        self._pending: list[tuple[Any, ...]] = []  # recorded this step, not yet flushed: see _record
+        self._copies: list[torch.Tensor] = []  # the pending entries' copies, by the index their tuple holds
         self._pending_bytes = 0
         self._staging = Arena(FLUSH_BYTES)
         self._pinned_calls = any(p.call is not None for p in self.config.modules)
@@ -499,8 +503,9 @@ class Capture:
             for part, value in (("input", args), ("kwarg", kwargs)):
                 for path, tensor in flatten(value):
                     # Weights reach ops as inputs (F.linear's weight) at every call; they do not change
-                    # within a run, so they are left out here (weights=True records them once).
-                    if not isinstance(tensor, nn.Parameter):
+                    # within a run, so they are left out here (weights=True records them once). A plain
+                    # Tensor is not one: nn.Parameter's isinstance is a Python-level check, asked per op input.
+                    if type(tensor) is torch.Tensor or not isinstance(tensor, nn.Parameter):
                         self._record(full, "op", call, part, path, tensor)
         if "output" in cfg.parts:
             for path, tensor in flatten(output):
@@ -526,6 +531,7 @@ class Capture:
         self._module_stack = []
         self._calls = {}
         self._seen = {}
+        self._seen_refs = {}
         self._token_ids = None
         self._step_entries = 0
 
@@ -578,7 +584,8 @@ class Capture:
 
     def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor,
                 caller: str | None = None) -> None:
-        # Runs for every captured tensor: kept to plain attribute reads and one copy.
+        # Runs for every captured tensor: kept to plain attribute reads and one copy. What is held until the
+        # step's end is a tuple of plain values (see _Pending), which Python's collector stops tracking.
         where = tensor.device
         place = _PLACES.get(where) or _place(where)
         if self._devices and not self.config.selects_device(place.name):
@@ -590,31 +597,32 @@ class Capture:
             self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
         seq = self._seq
         dtype = tensor.dtype
-        entry = Entry(seq, self.rank or 0, self.current_step, module, type_name, call, part, path,
-                      list(tensor.shape), _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), place.name, None, None,
-                      None, caller)
+        head = (seq, self.rank or 0, self.current_step, module, type_name, call, part, path, tuple(tensor.shape),
+                _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), place.name)
         self._seq = seq + 1
         self._step_entries += 1
         self.entries += 1
         if tensor.layout is not torch.strided or place.meta:
-            entry.note = f"not recorded: {tensor.layout} tensor on {place.name}"
-            self._pending.append((entry, None, None, False))
+            self._pending.append((*head, f"not recorded: {tensor.layout} tensor on {place.name}", caller,
+                                  -1, -1, False))
             return
         # The same tensor, unchanged, is stored once. Inference-mode tensors (vLLM) have no version counter,
         # so nothing tells whether they changed in place (vLLM's fused add+norm does): each is copied.
         if not tensor.is_inference():
             key, version = id(tensor), tensor._version
             seen = self._seen.get(key)
-            if seen is not None and seen[1] == version and seen[0]() is tensor:
-                self._pending.append((entry, None, seen[2], False))
+            if seen is not None and seen[0] == version and self._seen_refs[key]() is tensor:
+                self._pending.append((*head, None, caller, -1, seen[1], False))
                 return
-            self._seen[key] = (weakref.ref(tensor), version, seq)
+            self._seen[key] = (version, seq)
+            self._seen_refs[key] = weakref.ref(tensor)
         numel = tensor.numel()
         keep = self._keep
         max_size = self._max_size
+        note = None
         if max_size is not None and numel > max_size:
             if keep:
-                entry.note = f"stats only: {numel} elements > max_tensor_size {max_size}"
+                note = f"stats only: {numel} elements > max_tensor_size {max_size}"
             keep = False
         # What the model does next cannot change what was recorded. A copy that is only reduced to
         # statistics goes into reusable memory; one that is stored gets its own.
@@ -626,7 +634,8 @@ class Capture:
                 copy = self._staging.copy(tensor)
         if copy is None:
             copy = (tensor.detach() if tensor.requires_grad else tensor).clone()
-        self._pending.append((entry, copy, None, keep))
+        self._pending.append((*head, note, caller, len(self._copies), -1, keep))
+        self._copies.append(copy)
         self._pending_bytes += numel * copy.element_size()
         if self._pending_bytes >= FLUSH_BYTES:
             self._flush()
@@ -635,19 +644,33 @@ class Capture:
         """Compute the pending entries' statistics (one read-back per device) and hand them to the writer."""
         if not self._pending:
             return
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        by_device: dict[torch.device, list[tuple[Entry, torch.Tensor]]] = {}
-        for entry, copy, _, _ in pending:
-            if copy is not None:
-                by_device.setdefault(copy.device, []).append((entry, copy))
-        for items in by_device.values():
-            for (entry, copy), stats in zip(items, batch_stats([copy for _, copy in items]), strict=True):
-                entry.stats = stats
+        pending, copies = self._pending, self._copies
+        self._pending, self._copies, self._pending_bytes = [], [], 0
+        by_device: dict[torch.device, list[int]] = {}
+        for index, copy in enumerate(copies):
+            by_device.setdefault(copy.device, []).append(index)
+        stats: list[dict[str, Any] | None] = [None] * len(copies)
+        for indices in by_device.values():
+            tensors = [copies[i] for i in indices]
+            for i, row in zip(indices, batch_stats(tensors), strict=True):
+                stats[i] = row
                 if self.config.hash:
-                    entry.stats["hash"] = content_hash(copy)
+                    row["hash"] = content_hash(copies[i])
         self._staging.reset()
-        self._ensure_writer().add([(entry, copy if keep else None, same_as)
-                                   for entry, copy, same_as, keep in pending])
+        self._ensure_writer().add(self._entries(pending, copies, stats))
+
+    @staticmethod
+    def _entries(pending: list[tuple[Any, ...]], copies: list[torch.Tensor], stats: list[dict[str, Any] | None],
+                 ) -> Iterator[tuple[Entry, torch.Tensor | None, int | None]]:
+        # A generator: writing inline, each Entry is made, written and dropped before the next one is made.
+        for seq, rank, step, module, type_name, call, part, path, shape, dtype, device, note, caller, index, \
+                same_as, keep in pending:
+            entry = Entry(seq, rank, step, module, type_name, call, part, path, list(shape), dtype, device,
+                          stats[index] if index >= 0 else None, None, note, caller)
+            if index >= 0:
+                yield entry, copies[index] if keep else None, None
+            else:
+                yield entry, None, same_as if same_as >= 0 else None
 
     # -- the process folder ------------------------------------------------------------------------------
     def _rank(self) -> int:
@@ -681,7 +704,7 @@ class Capture:
     def _after_fork(self) -> None:
         # A forked child shares nothing with the parent's writer thread: it starts its own folder.
         self._writer = None
-        self._pending, self._pending_bytes = [], 0
+        self._pending, self._copies, self._pending_bytes = [], [], 0
         self.folder = self.rank = None
         self._seq = self.entries = self.steps_done = 0
         self._depth = 0

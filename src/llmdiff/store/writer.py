@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,21 +65,24 @@ class DumpWriter:
         self._shard_index = 0
         self._shard: dict[str, torch.Tensor] = {}
         self._shard_size = 0
-        self._pending: list[Entry] = []
-        self._stored: dict[int, Entry] = {}
+        # Lines are encoded as entries arrive and written once their shard is in place; an entry itself is not
+        # kept (a step's thousands of live objects would cost Python's collector full passes over the program).
+        self._pending: list[bytes] = []
+        self._stored: dict[int, tuple[dict[str, str] | None, dict[str, Any] | None, str | None]] = {}
         self._thread = threading.Thread(target=self._run, name="llmdiff-writer", daemon=True)
         if background:
             self._thread.start()
 
     # -- called from the capturing thread -------------------------------------------------------
-    def add(self, items: list[tuple[Entry, torch.Tensor | None, int | None]]) -> None:
+    def add(self, items: Iterable[tuple[Entry, torch.Tensor | None, int | None]]) -> None:
         """Queue entries, in order: ``(entry, tensor, same_as)``. ``tensor`` (a private copy) is stored
         unless None; ``same_as`` instead reuses the data and statistics of an earlier entry (by seq)
-        of the current step."""
+        of the current step. Writing inline, ``items`` is consumed as it is iterated."""
         self._raise_if_failed()
         if not self.background:
             self._handle((items, 0))
             return
+        items = list(items)
         size = sum(t.numel() * t.element_size() for _, t, _ in items if t is not None)
         if size:
             with self._budget:
@@ -173,15 +177,15 @@ class DumpWriter:
     def _store(self, entry: Entry, tensor: torch.Tensor | None, same_as: int | None) -> None:
         source = self._stored.get(same_as) if same_as is not None else None
         if source is not None:
-            entry.data, entry.stats, entry.note = source.data, source.stats, source.note
+            entry.data, entry.stats, entry.note = source
         elif tensor is not None:
             data = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
             key = str(entry.seq)
             self._shard[key] = data.contiguous()
             self._shard_size += data.numel() * data.element_size()
             entry.data = {"file": SHARD_TEMPLATE.format(self._shard_index), "key": key}
-        self._stored[entry.seq] = entry
-        self._pending.append(entry)
+        self._stored[entry.seq] = (entry.data, entry.stats, entry.note)
+        self._pending.append(encode_line(entry.to_json()))
         if self._shard_size >= self.shard_bytes:
             self._commit()
 
@@ -199,7 +203,7 @@ class DumpWriter:
             self.bytes_written += final.stat().st_size
             self._shard_index += 1
             self._shard, self._shard_size = {}, 0
-        self._manifest.write(b"".join([encode_line(entry.to_json()) for entry in self._pending]))
+        self._manifest.write(b"".join(self._pending))
         self._pending.clear()
         self._manifest.flush()
 
