@@ -114,7 +114,9 @@ def test_transformers_against_sglang_pairs_canonical_points(hf_golden):
     assert list(per_step.values()) == [84, 84, 84]  # layers 0-1 in full, 30 MLP outputs, the norm, lm_head
     stream = next(e for e in passed if e.module == "model.layers.1" and e.part == "output")
     assert stream.target_source == ("model.layers.1.mlp output + model.layers.1.post_attention_layernorm output.1")
-    assert stream.metrics["max_abs"] == 0.0  # exactly transformers' hidden_states[2] in float32
+    # transformers' hidden_states[2] in float32: exactly where SGLang's dumps were made, within float32 rounding
+    # where the BLAS kernels differ (measured on an AMD EPYC: max |diff| 1.5e-5, rel_l2 ~1e-7)
+    assert stream.metrics["rel_l2"] < 1e-6, stream.metrics
     assert max(e.metrics["rel_l2"] for e in passed if e.metrics.get("rel_l2") is not None) < 1e-5
     # detection can be overridden: told both are SGLang, the dumps pair by module name instead (and mostly do not)
     by_name = llmdiff.compare(hf_golden, SGLANG / "fp32", engines=("sglang", "sglang")).comparison

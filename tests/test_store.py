@@ -129,3 +129,42 @@ def test_compare_leaves_the_cycle_collector_as_it_found_it(dump_dir, frozen):
     finally:
         gc.unfreeze()
     del keep
+
+
+def test_lines_encoded_together_are_the_lines_encoded_one_by_one():
+    """The writer encodes a flush's lines in one orjson call and splits the array between its records: that
+    must give the bytes of one call per line, whatever the names hold (quotes, braces, the separator itself,
+    non-ASCII), and records orjson refuses (lone surrogates) still go through ``json``."""
+    from llmdiff.store.schema import encode_line, encode_lines, entry_record
+
+    names = ["model.layers.0.mlp", 'a,{"kind":"entry"}', "},{", "\\", "é 日本", "", 'x"y']
+    stats = {"min": -1.5, "max": 3e38, "mean": 1e-7, "std": 0.0, "norm": 2.0, "nan": 0, "inf": 0, "hash": "ab"}
+    data = {"file": "shard-000000.safetensors", "key": "7"}
+    records = [entry_record(i, 0, 3, name, "Linear", i, "output", name, (1, i), "float32", "cpu",
+                            stats if i % 2 else None, data if i % 3 else None, name or None, name if i % 4 else None)
+               for i, name in enumerate(names * 3)]
+    one_by_one = b"".join(encode_line(r) for r in records)
+    assert encode_lines(records) == one_by_one
+    assert one_by_one.count(b"\n") == len(records)
+    assert encode_lines([]) == b""
+    surrogate = [*records[:2], entry_record(99, 0, 0, "\udfff", "T", 0, "save", "", [], "float32", "cpu", None, None,
+                                            None, None)]
+    assert encode_lines(surrogate) == b"".join(encode_line(r) for r in surrogate)
+    assert [json.loads(line)["seq"] for line in encode_lines(surrogate).splitlines()] == [0, 1, 99]
+
+
+def test_lines_read_together_are_the_lines_read_one_by_one(dump_dir):
+    """The reader parses a manifest's lines in one orjson call; only when each line is exactly one JSON value,
+    otherwise one by one (so a torn, empty or doubled line is still named by its number)."""
+    from llmdiff.store.schema import decode_line, decode_lines
+
+    lines = (dump_dir / "proc0" / "manifest.jsonl").read_bytes().splitlines()
+    assert decode_lines(lines) == [decode_line(line) for line in lines]
+    for bad in (b"", b"  ", b'{"kind": "entry", "seq": 1', b'{"a": 1}, {"b": 2}', b"NaN", b'{"x": NaN}'):
+        assert decode_lines([*lines[:2], bad, *lines[2:]]) is None, bad
+    dump = llmdiff.open_dump(dump_dir)
+    manifest = dump_dir / "proc0" / "manifest.jsonl"
+    manifest.write_bytes(b"\n".join([lines[0], b'{"a": 1}, {"b": 2}', *lines[1:]]) + b"\n")
+    damaged = llmdiff.open_dump(dump_dir)
+    assert [e.key for e in damaged.entries] == [e.key for e in dump.entries]
+    assert any("manifest.jsonl:2: unreadable line ignored" in p for p in damaged.problems)

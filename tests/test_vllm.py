@@ -421,9 +421,10 @@ def test_tp3_matches_tp1_and_its_ranks_agree(tp_runs, tmp_path):
     assert k["target_shape"][-1] == 192 and k["metrics"]["rel_l2"] < 1e-5  # the ranks' k parts, de-interleaved
     across = compare_json([tp3, "--across-ranks"], tmp_path, "ranks.json", 0)
     assert across["verdict"] == "match" and {e["rank"] for e in across["entries"]} == {1, 2}
-    # all-reduced outputs differ between ranks by ~1 ulp: within budget, not bit-identical
+    # all-reduced outputs agree between ranks to rounding: bit-identical on some machines, ~1 ulp apart on others
+    # (vLLM's CPU all-reduce sums in each rank's own order there); either way within budget
     assert max(e["metrics"]["max_abs"] for e in across["entries"] if e["module"].endswith("o_proj")
-               and e["part"] == "output") > 0
+               and e["part"] == "output") < 1e-4
 
 
 def test_a_fault_in_one_ranks_shard_is_named_with_its_rank(tp_runs, tmp_path):

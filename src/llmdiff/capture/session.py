@@ -20,7 +20,7 @@ import platform
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,7 +43,7 @@ from llmdiff.config import (
 )
 from llmdiff.engines import EngineSteps, engine_steps, resolve_model
 from llmdiff.errors import LlmdiffError
-from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, Entry, StepRecord
+from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, StepRecord
 from llmdiff.store.writer import DumpWriter, spare_cpu
 
 _active: list[Capture] = []
@@ -53,13 +53,8 @@ _active: list[Capture] = []
 FLUSH_BYTES = 64 << 20
 
 
-class _Hooked(NamedTuple):
-    """What a hooked module's hooks need at every call, worked out when it is attached."""
-
-    name: str  # its path in the model
-    type_name: str
-    parent: str  # the path of the module that contains it ("" at the root)
-    wanted: bool  # whether the filters select it (its call index and the step are checked per call)
+_PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]
+_PostHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]
 
 
 class LlmdiffWarning(UserWarning):
@@ -161,8 +156,8 @@ class Capture:
         self._in_scope = False
         self._handles: list[RemovableHandle] = []
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-        # id(module) -> what its hooks need, worked out once (the hooks keep the modules attached)
-        self._hooked: dict[int, _Hooked] = {}
+        # id(module) -> its hooks (the hooks keep the modules attached)
+        self._hooks: dict[int, tuple[_PreHook, _PostHook]] = {}
         self._models: list[dict[str, str]] = []
         self._model_index: dict[int, int] = {}
         self._writer: DumpWriter | None = None
@@ -175,7 +170,8 @@ class Capture:
         self._token_ids: list[Any] | None = None
         self._step_entries = 0
         self._depth = 0
-        self._open_calls: dict[int, list[tuple[int, str | None]]] = {}  # id(module) -> (call, caller) of its open calls
+        # the open module calls, innermost last: (module, its path, call index, caller)
+        self._frames: list[tuple[nn.Module, str, int, str | None]] = []
         self._kwargs_pending: set[int] = set()
         self._seq = 0
         self._graph_capture_seen = False
@@ -186,12 +182,12 @@ class Capture:
         self._pending_bytes = 0
         self._staging = Arena(FLUSH_BYTES)
         self._pinned_calls = any(p.call is not None for p in self.config.modules)
+        self._scoped = self.config.scope is not None
         self._inputs = "input" in self.config.parts
         self._devices = bool(self.config.devices)
         self._keep = self.config.mode == "tensor"  # full tensors are stored (unless larger than _max_size)
         self._max_size = self.config.max_tensor_size
         self._outputs = "output" in self.config.parts
-        self._module_stack: list[str] = []
         self._busy = False  # the capture's own torch calls are not ops of the model
         self._weights_saved = False
         self._op_mode: OpRecorder | None = None
@@ -264,7 +260,7 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self._names = weakref.WeakKeyDictionary()
-        self._hooked = {}
+        self._hooks = {}
         if self in _active:
             _active.remove(self)
 
@@ -361,13 +357,13 @@ class Capture:
             if module in self._names:
                 continue
             self._names[module] = name
-            self._hooked[id(module)] = self._hooked_entry(module, name)
             # Op-level capture names an op by the module running it, so it hooks every module; the callers
             # of a selected shared module are hooked too (not recorded) so that its calls can name them.
             if (module is root or cfg.level != "module" or name in callers
                     or cfg.selects_module(name, type(module).__name__)):
-                self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-                self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+                pre, post = self._hooks[id(module)] = self._module_hooks(module, name)
+                self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
 
     def _discover(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         # Global pre-hook (model=None): the first outermost call of a module attaches its whole tree.
@@ -380,33 +376,9 @@ class Capture:
                 self._internal_error(exc)
                 return
             self._kwargs_pending.add(id(module))
-            self._pre(module, args, {})
-
-    def _pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        busy, self._busy = self._busy, True
-        try:
-            if self._op_mode is None:
-                self._pre_call(module, args, kwargs)
-            else:
-                with torch._C.DisableTorchFunction():  # the capture's own tensor calls are not the model's ops
-                    self._pre_call(module, args, kwargs)
-        except Exception as exc:
-            self._internal_error(exc)
-        finally:
-            self._busy = busy
-
-    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        busy, self._busy = self._busy, True
-        try:
-            if self._op_mode is None:
-                self._post_call(module, args, kwargs, output)
-            else:
-                with torch._C.DisableTorchFunction():
-                    self._post_call(module, args, kwargs, output)
-        except Exception as exc:
-            self._internal_error(exc)
-        finally:
-            self._busy = busy
+            hooks = self._hooks.get(id(module))
+            if hooks is not None:
+                hooks[0](module, args, {})
 
     def _internal_error(self, exc: Exception) -> None:
         # A capture never crashes the program it observes: an error of llmdiff's own is reported once,
@@ -416,68 +388,88 @@ class Capture:
             warnings.warn(f"llmdiff: capture error (the program goes on): {type(exc).__name__}: {exc}",
                           LlmdiffWarning, stacklevel=2)
 
-    def _hooked_entry(self, module: nn.Module, name: str) -> _Hooked:
+    def _module_hooks(self, module: nn.Module, name: str) -> tuple[_PreHook, _PostHook]:
+        """The pre- and post-hook of one module. They run at every call of every hooked module, so what they
+        need (its path, type, parent, whether the filters select it) is bound here, once, and their bodies
+        are kept to plain reads: a decode step of a small model is a few hundred calls of a few microseconds."""
+        session = self
         type_name = type(module).__name__
+        parent = name.rpartition(".")[0]
         wanted = self.config.level != "op" and self.config.selects_module(name, type_name)
-        return _Hooked(name, type_name, name.rpartition(".")[0], wanted)
 
-    def _pre_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # Runs for every module call: one lookup of what was worked out at attach, then plain reads.
-        self.calls_seen += 1
-        if self._depth == 0:
-            if self._engine is not None:
-                self._engine.root_call(module, args, kwargs)
-                self.warmup_calls += not self._engine_step_open
-            elif self.auto_step:
-                self._begin_step(args, kwargs)
-        self._depth += 1
-        hooked = self._hooked.get(id(module)) or self._hooked_entry(module, type(module).__name__)
-        name = hooked.name
-        calls = self._calls
-        call = calls[name] = calls.get(name, -1) + 1
-        # A module shared by several callers (vLLM's one rotary_emb for every layer) records who called it.
-        stack = self._module_stack
-        caller = stack[-1] if stack else None
-        if caller is not None and (caller == hooked.parent or not caller or name.startswith(caller + ".")):
-            caller = None  # called by an ancestor: nothing to say
-        self._open_calls.setdefault(id(module), []).append((call, caller))
-        stack.append(name)
-        scope = self.config.scope
-        if scope is not None and not self._in_scope and scope[0].matches(name) and scope[0].call in (None, call):
-            self._in_scope = True
-        if hooked.wanted and self._inputs and self._call_selected(name, call):
-            if args:
-                self._record_all(hooked, call, "input", args, caller)
-            if kwargs:
-                self._record_all(hooked, call, "kwarg", kwargs, caller)
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            try:
+                session.calls_seen += 1
+                if session._depth == 0:
+                    session._outermost_call(module, args, kwargs)
+                session._depth += 1
+                calls = session._calls
+                call = calls[name] = calls.get(name, -1) + 1
+                # A module shared by several callers (vLLM's one rotary_emb for every layer) records who called it.
+                frames = session._frames
+                caller = frames[-1][1] if frames else None
+                if caller is not None and (caller == parent or not caller or name.startswith(caller + ".")):
+                    caller = None  # called by an ancestor: nothing to say
+                frames.append((module, name, call, caller))
+                if session._scoped and not session._in_scope:
+                    first = session.config.scope[0]  # type: ignore[index]
+                    session._in_scope = first.matches(name) and first.call in (None, call)
+                if wanted and session._inputs and session._call_selected(name, call):
+                    if args:
+                        session._record_value(name, type_name, call, "input", args, caller)
+                    if kwargs:
+                        session._record_value(name, type_name, call, "kwarg", kwargs, caller)
+            except Exception as exc:
+                session._internal_error(exc)
 
-    def _post_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        stack = self._open_calls.get(id(module))
-        if not stack:  # hooks attached while this call was already running
-            return
-        call, caller = stack.pop()
-        self._depth -= 1
-        if self._module_stack:
-            self._module_stack.pop()
-        hooked = self._hooked.get(id(module)) or self._hooked_entry(module, type(module).__name__)
-        name = hooked.name
-        if self._kwargs_pending and id(module) in self._kwargs_pending:
-            self._kwargs_pending.discard(id(module))
-            if self._depth == 0 and self.auto_step and self._token_ids is None:
-                self._token_ids = _token_ids(args, kwargs)
-            if hooked.wanted and self._inputs and kwargs and self._call_selected(name, call):
-                self._record_all(hooked, call, "kwarg", kwargs, caller)
-        if hooked.wanted and self._outputs and self._call_selected(name, call):
-            self._record_all(hooked, call, "output", output, caller)
-        scope = self.config.scope
-        if scope is not None and self._in_scope and scope[1].matches(name) and scope[1].call in (None, call):
-            self._in_scope = False
-        if self._depth == 0 and self.auto_step and self._engine is None:
-            self._end_step()
+        def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            try:
+                frames = session._frames
+                if not frames or frames[-1][0] is not module:  # hooks attached while this call was running
+                    return
+                call, caller = frames.pop()[2:]
+                session._depth -= 1
+                if session._kwargs_pending and id(module) in session._kwargs_pending:
+                    session._kwargs_pending.discard(id(module))
+                    if session._depth == 0 and session.auto_step and session._token_ids is None:
+                        session._token_ids = _token_ids(args, kwargs)
+                    if wanted and session._inputs and kwargs and session._call_selected(name, call):
+                        session._record_value(name, type_name, call, "kwarg", kwargs, caller)
+                if wanted and session._outputs and session._call_selected(name, call):
+                    session._record_value(name, type_name, call, "output", output, caller)
+                if session._scoped and session._in_scope:
+                    last = session.config.scope[1]  # type: ignore[index]
+                    session._in_scope = not (last.matches(name) and last.call in (None, call))
+                if session._depth == 0 and session.auto_step and session._engine is None:
+                    session._end_step()
+            except Exception as exc:
+                session._internal_error(exc)
+
+        if self._ops_wanted is None:
+            return pre, post
+
+        # With op-level capture on, the hooks' own tensor calls are not the model's ops.
+        def pre_without_ops(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            with torch._C.DisableTorchFunction():
+                pre(module, args, kwargs)
+
+        def post_without_ops(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            with torch._C.DisableTorchFunction():
+                post(module, args, kwargs, output)
+
+        return pre_without_ops, post_without_ops
+
+    def _outermost_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # A call outside any other: an engine's forward pass (a step or a warm-up), or the start of a step.
+        if self._engine is not None:
+            self._engine.root_call(module, args, kwargs)
+            self.warmup_calls += not self._engine_step_open
+        elif self.auto_step:
+            self._begin_step(args, kwargs)
 
     def _call_selected(self, name: str, call: int) -> bool:
         """Whether this call of a selected module is recorded (step, scope, ``:i`` call index)."""
-        if not self._step_selected() or (self.config.scope is not None and not self._in_scope):
+        if not self._step_selected() or (self._scoped and not self._in_scope):
             return False
         return not self._pinned_calls or self.config.selects_call(name, call)
 
@@ -493,23 +485,29 @@ class Capture:
 
     def _record_op_call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         cfg = self.config
-        full = f"{self._module_stack[-1] if self._module_stack else ''}/{name}"
+        full = f"{self._frames[-1][1] if self._frames else ''}/{name}"
         call = self._calls[full] = self._calls.get(full, -1) + 1
-        if not self._step_selected() or (cfg.scope is not None and not self._in_scope):
+        if not self._step_selected() or (self._scoped and not self._in_scope):
             return
         if cfg.modules and not cfg.selects_call(full, call):
             return
-        if "input" in cfg.parts:
+        record = self._record
+        if self._inputs:
             for part, value in (("input", args), ("kwarg", kwargs)):
+                if not value:
+                    continue
                 for path, tensor in flatten(value):
                     # Weights reach ops as inputs (F.linear's weight) at every call; they do not change
                     # within a run, so they are left out here (weights=True records them once). A plain
                     # Tensor is not one: nn.Parameter's isinstance is a Python-level check, asked per op input.
                     if type(tensor) is torch.Tensor or not isinstance(tensor, nn.Parameter):
-                        self._record(full, "op", call, part, path, tensor)
-        if "output" in cfg.parts:
-            for path, tensor in flatten(output):
-                self._record(full, "op", call, "output", path, tensor)
+                        record(full, "op", call, part, path, tensor)
+        if self._outputs:
+            if isinstance(output, torch.Tensor):
+                record(full, "op", call, "output", "", output)
+            else:
+                for path, tensor in flatten(output):
+                    record(full, "op", call, "output", path, tensor)
 
     def _step_selected(self) -> bool:
         # Asked at every module call; what it depends on changes only between steps.
@@ -528,7 +526,7 @@ class Capture:
     # -- steps ----------------------------------------------------------------------------------------
     def _reset_step_state(self) -> None:
         self._in_scope = False
-        self._module_stack = []
+        self._frames = []
         self._calls = {}
         self._seen = {}
         self._seen_refs = {}
@@ -578,16 +576,22 @@ class Capture:
         self._engine = None
 
     # -- recording --------------------------------------------------------------------------------------
-    def _record_all(self, hooked: _Hooked, call: int, part: str, value: Any, caller: str | None) -> None:
-        for path, tensor in flatten(value):
-            self._record(hooked.name, hooked.type_name, call, part, path, tensor, caller)
+    def _record_value(self, module: str, type_name: str, call: int, part: str, value: Any,
+                      caller: str | None) -> None:
+        if isinstance(value, torch.Tensor):
+            self._record(module, type_name, call, part, "", value, caller)
+        elif type(value) is tuple and len(value) == 1 and isinstance(value[0], torch.Tensor):
+            self._record(module, type_name, call, part, "0", value[0], caller)  # most inputs: (hidden_states,)
+        else:
+            for path, tensor in flatten(value):
+                self._record(module, type_name, call, part, path, tensor, caller)
 
     def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor,
                 caller: str | None = None) -> None:
-        # Runs for every captured tensor: kept to plain attribute reads and one copy. What is held until the
-        # step's end is a tuple of plain values (see _Pending), which Python's collector stops tracking.
-        where = tensor.device
-        place = _PLACES.get(where) or _place(where)
+        # Runs for every captured tensor: plain attribute reads and at most one copy. What is held until the
+        # flush is one tuple of plain values per entry (store.writer.PendingEntry), which Python's collector
+        # stops tracking.
+        place = _PLACES.get(tensor.device) or _place(tensor.device)
         if self._devices and not self.config.selects_device(place.name):
             return
         if place.cuda and torch.cuda.is_current_stream_capturing():
@@ -596,26 +600,36 @@ class Capture:
         if self._writer is None:
             self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
         seq = self._seq
-        dtype = tensor.dtype
-        head = (seq, self.rank or 0, self.current_step, module, type_name, call, part, path, tuple(tensor.shape),
-                _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), place.name)
         self._seq = seq + 1
         self._step_entries += 1
         self.entries += 1
+        dtype = tensor.dtype
+        note = None
+        index = same_as = -1
+        keep = False
         if tensor.layout is not torch.strided or place.meta:
-            self._pending.append((*head, f"not recorded: {tensor.layout} tensor on {place.name}", caller,
-                                  -1, -1, False))
-            return
-        # The same tensor, unchanged, is stored once. Inference-mode tensors (vLLM) have no version counter,
-        # so nothing tells whether they changed in place (vLLM's fused add+norm does): each is copied.
-        if not tensor.is_inference():
-            key, version = id(tensor), tensor._version
-            seen = self._seen.get(key)
-            if seen is not None and seen[0] == version and self._seen_refs[key]() is tensor:
-                self._pending.append((*head, None, caller, -1, seen[1], False))
-                return
-            self._seen[key] = (version, seq)
-            self._seen_refs[key] = weakref.ref(tensor)
+            note = f"not recorded: {tensor.layout} tensor on {place.name}"
+        else:
+            # The same tensor, unchanged, is stored once. Inference-mode tensors (vLLM) have no version counter,
+            # so nothing tells whether they changed in place (vLLM's fused add+norm does): each is copied.
+            if not tensor.is_inference():
+                key, version = id(tensor), tensor._version
+                seen = self._seen.get(key)
+                if seen is not None and seen[0] == version and self._seen_refs[key]() is tensor:
+                    same_as = seen[1]
+                else:
+                    self._seen[key] = (version, seq)
+                    self._seen_refs[key] = weakref.ref(tensor)
+            if same_as < 0:
+                index, note, keep = self._copy(tensor)
+        self._pending.append((seq, self.current_step, module, type_name, call, part, path, tuple(tensor.shape),
+                              _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), place.name, note, caller, index,
+                              same_as, keep))
+        if self._pending_bytes >= FLUSH_BYTES:
+            self._flush()
+
+    def _copy(self, tensor: torch.Tensor) -> tuple[int, str | None, bool]:
+        """Copy ``tensor`` for the pending entries: (its index in the copies, a note, whether it is stored)."""
         numel = tensor.numel()
         keep = self._keep
         max_size = self._max_size
@@ -634,11 +648,9 @@ class Capture:
                 copy = self._staging.copy(tensor)
         if copy is None:
             copy = (tensor.detach() if tensor.requires_grad else tensor).clone()
-        self._pending.append((*head, note, caller, len(self._copies), -1, keep))
         self._copies.append(copy)
         self._pending_bytes += numel * copy.element_size()
-        if self._pending_bytes >= FLUSH_BYTES:
-            self._flush()
+        return len(self._copies) - 1, note, keep
 
     def _flush(self) -> None:
         """Compute the pending entries' statistics (one read-back per device) and hand them to the writer."""
@@ -646,31 +658,21 @@ class Capture:
             return
         pending, copies = self._pending, self._copies
         self._pending, self._copies, self._pending_bytes = [], [], 0
-        by_device: dict[torch.device, list[int]] = {}
-        for index, copy in enumerate(copies):
-            by_device.setdefault(copy.device, []).append(index)
-        stats: list[dict[str, Any] | None] = [None] * len(copies)
-        for indices in by_device.values():
-            tensors = [copies[i] for i in indices]
-            for i, row in zip(indices, batch_stats(tensors), strict=True):
-                stats[i] = row
-                if self.config.hash:
-                    row["hash"] = content_hash(copies[i])
+        if len({copy.device for copy in copies}) <= 1:
+            stats = batch_stats(copies)
+        else:
+            by_device: dict[torch.device, list[int]] = {}
+            for index, copy in enumerate(copies):
+                by_device.setdefault(copy.device, []).append(index)
+            stats = [{}] * len(copies)
+            for indices in by_device.values():
+                for i, row in zip(indices, batch_stats([copies[i] for i in indices]), strict=True):
+                    stats[i] = row
+        if self.config.hash:
+            for row, copy in zip(stats, copies, strict=True):
+                row["hash"] = content_hash(copy)
         self._staging.reset()
-        self._ensure_writer().add(self._entries(pending, copies, stats))
-
-    @staticmethod
-    def _entries(pending: list[tuple[Any, ...]], copies: list[torch.Tensor], stats: list[dict[str, Any] | None],
-                 ) -> Iterator[tuple[Entry, torch.Tensor | None, int | None]]:
-        # A generator: writing inline, each Entry is made, written and dropped before the next one is made.
-        for seq, rank, step, module, type_name, call, part, path, shape, dtype, device, note, caller, index, \
-                same_as, keep in pending:
-            entry = Entry(seq, rank, step, module, type_name, call, part, path, list(shape), dtype, device,
-                          stats[index] if index >= 0 else None, None, note, caller)
-            if index >= 0:
-                yield entry, copies[index] if keep else None, None
-            else:
-                yield entry, None, same_as if same_as >= 0 else None
+        self._ensure_writer().add(self.rank or 0, pending, copies, stats)
 
     # -- the process folder ------------------------------------------------------------------------------
     def _rank(self) -> int:
@@ -708,7 +710,7 @@ class Capture:
         self.folder = self.rank = None
         self._seq = self.entries = self.steps_done = 0
         self._depth = 0
-        self._open_calls.clear()
+        self._frames = []
 
 
 def _callers_of_shared(root: nn.Module, config: CaptureConfig) -> set[str]:

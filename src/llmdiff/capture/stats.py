@@ -6,9 +6,10 @@ once would cost one device synchronisation per tensor (and, on CPU, torch's slow
 device scalars, ``min, max, sum, m2`` (``m2``: the sum of squared deviations from the mean), made
 of the fast vectorised reductions ``aminmax``, ``sum`` and ``dot``:
 
-* :func:`reduce_rows` turns a list of tensors into one ``[k, 4]`` table on their device: small
-  tensors of equal size stacked into a matrix and reduced row-wise, large ones chunk by chunk
-  through a reusable scratch buffer (no allocation per tensor);
+* :func:`reduce_rows` turns a list of tensors into one ``[k, 4]`` table on their device: tensors of
+  one dtype and shape up to ``CHUNK`` elements stacked into reusable matrices and reduced row-wise (a
+  few reductions for a whole decode step's tensors), larger ones chunk by chunk through a reusable
+  scratch buffer (no allocation per tensor);
 * :func:`read_back` moves a table to the host: the only device-to-host transfer of statistics;
 * :func:`batch_stats` finishes the table on the device (mean, std, norm, and whether a row is finite)
   and turns its rows into the statistics written to the manifest; only for a row that shows NaN or Inf
@@ -21,24 +22,32 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-#: Tensors up to this many elements are reduced together, as the rows of one matrix per dtype and size.
+#: Tensors up to this many elements are copied with their own allocation (larger ones only reduced to statistics
+#: go into a capture's reusable staging memory).
 SEGMENT_MAX = 1 << 12
-#: Larger tensors are reduced in chunks of this many elements through a scratch buffer.
+#: Tensors up to this many elements are reduced together, as the rows of a matrix per dtype and shape (in blocks of
+#: at most BLOCK elements); larger ones in chunks of this many elements through a scratch buffer.
 CHUNK = 1 << 18
+BLOCK = 1 << 22
 
-_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_local = threading.local()  # scratch memory per thread: two captures may flush at once in two threads
 
 
-def _scratch_for(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    buf = _scratch.get((device, dtype))
-    if buf is None:
+def _scratch_for(device: torch.device, dtype: torch.dtype, use: str = "chunk", size: int = CHUNK) -> torch.Tensor:
+    """Reusable memory of at least ``size`` elements for one use; it grows, never shrinks (a step's largest group)."""
+    held: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] | None = getattr(_local, "scratch", None)
+    if held is None:
+        held = _local.scratch = {}
+    buf = held.get((device, dtype, use))
+    if buf is None or buf.numel() < size:
         with torch.inference_mode(False):  # usable in and out of inference mode (vLLM runs in it)
-            buf = _scratch[(device, dtype)] = torch.empty(CHUNK, device=device, dtype=dtype)
+            buf = held[(device, dtype, use)] = torch.empty(max(size, CHUNK), device=device, dtype=dtype)
     return buf
 
 
@@ -81,20 +90,75 @@ def _reduce_large(x: torch.Tensor) -> list[torch.Tensor]:
     return [lo, hi, total, chunk_m2.sum() + (counts * spread * spread).sum()]
 
 
+def _group_matrix(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The tensors (one dtype and shape) stacked as the rows of a matrix of ``dtype``, in reusable memory: a decode
+    step stacks the same few hundred small tensors every step, and fresh matrices cost allocations (page faults on
+    CPU) that the reductions themselves do not."""
+    first = tensors[0]
+    k, n = len(tensors), first.numel()
+    stacked = _scratch_for(first.device, first.dtype, "stack", k * n)[:k * n].view(k, *first.shape)
+    torch.stack(tensors, out=stacked)
+    matrix = stacked.view(k, n)
+    if first.dtype != dtype:
+        matrix = _scratch_for(first.device, dtype, "work", k * n)[:k * n].view(k, n).copy_(matrix)
+    return matrix
+
+
 def _reduce_group(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A [k, 4] table of small tensors of one dtype and shape, stacked into one matrix: a few row-wise
     reductions in all, whatever k is (decode steps are hundreds of tensors of a handful of shapes)."""
-    matrix = torch.stack(tensors)
-    if matrix.is_complex():
-        matrix = torch.view_as_real(matrix)
-    matrix = matrix.reshape(len(tensors), -1)
-    matrix = matrix.to(_work_dtype(matrix.dtype))
+    if tensors[0].is_complex():
+        matrix = torch.view_as_real(torch.stack(tensors)).reshape(len(tensors), -1)
+        matrix = matrix.to(_work_dtype(matrix.dtype))
+    else:
+        matrix = _group_matrix(tensors, _work_dtype(tensors[0].dtype))
     # Not aminmax(dim=1): row-wise it is ~10x slower than amin and amax on CPU (measured on decode shapes).
     lo, hi = matrix.amin(dim=1), matrix.amax(dim=1)
     total = matrix.sum(dim=1)
-    deviation = matrix - (total / matrix.shape[1]).unsqueeze(1)
-    m2 = (deviation * deviation).sum(dim=1)
+    matrix.sub_((total / matrix.shape[1]).unsqueeze(1))  # centred in place (the matrix is ours)
+    m2 = torch.linalg.vector_norm(matrix, dim=1).square_()
     return torch.stack([lo, hi, total, m2], dim=1).to(torch.float64)
+
+
+def _order_groups(tensors: Sequence[torch.Tensor]) -> tuple[list[list[int]], list[int], list[int], list[int]]:
+    """Indices of the tensors by how they are reduced: groups of small ones of one dtype and shape, large ones,
+    empty ones; and every tensor's element count."""
+    groups: dict[tuple[torch.dtype, torch.Size], list[int]] = {}
+    large: list[int] = []
+    empty: list[int] = []
+    numels: list[int] = []
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        numels.append(n * 2 if t.is_complex() else n)
+        if n == 0:
+            empty.append(i)
+        elif n <= CHUNK:
+            key = (t.dtype, t.shape)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [i]
+            else:
+                group.append(i)
+        else:
+            large.append(i)
+    return list(groups.values()), large, empty, numels
+
+
+def _reduce_ordered(tensors: Sequence[torch.Tensor], groups: list[list[int]], large: list[int],
+                    empty: list[int]) -> torch.Tensor:
+    """The [k, 4] table of :func:`reduce_rows`, its rows in the order groups, large, empty."""
+    device = tensors[0].device
+    parts: list[torch.Tensor] = []
+    for indices in groups:
+        rows = max(1, BLOCK // tensors[indices[0]].numel())
+        parts.extend(_reduce_group([tensors[i] for i in indices[start:start + rows]])
+                     for start in range(0, len(indices), rows))
+    if large:
+        scalars = [s.to(torch.float64) for i in large for s in _reduce_large(_flat(tensors[i]))]
+        parts.append(torch.stack(scalars).reshape(-1, 4))
+    if empty:
+        parts.append(torch.full((len(empty), 4), math.nan, dtype=torch.float64, device=device))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def reduce_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -102,37 +166,14 @@ def reduce_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     device synchronisation. The tensors must share a device; empty ones give rows of NaN."""
     if not tensors:
         return torch.empty(0, 4, dtype=torch.float64)
-    device = tensors[0].device
-    groups: dict[tuple[torch.dtype, torch.Size], list[int]] = {}
-    scalars: list[torch.Tensor] = []
-    large: list[int] = []
-    empty: list[int] = []
-    for i, t in enumerate(tensors):
-        n = t.numel()
-        if n == 0:
-            empty.append(i)
-        elif n <= SEGMENT_MAX:
-            groups.setdefault((t.dtype, t.shape), []).append(i)
-        else:
-            large.append(i)
-            scalars.extend(s.to(torch.float64) for s in _reduce_large(_flat(t)))
-    order: list[int] = []
-    parts: list[torch.Tensor] = []
-    for indices in groups.values():
-        order.extend(indices)
-        parts.append(_reduce_group([tensors[i] for i in indices]))
-    if large:
-        order.extend(large)
-        parts.append(torch.stack(scalars).reshape(-1, 4))
-    if empty:
-        order.extend(empty)
-        parts.append(torch.full((len(empty), 4), math.nan, dtype=torch.float64, device=device))
-    table = torch.cat(parts) if len(parts) > 1 else parts[0]
+    groups, large, empty, _ = _order_groups(tensors)
+    table = _reduce_ordered(tensors, groups, large, empty)
+    order = [i for indices in groups for i in indices] + large + empty
     if order != list(range(len(tensors))):
         inverse = [0] * len(order)
         for row, i in enumerate(order):
             inverse[i] = row
-        table = table[torch.tensor(inverse, device=device)]
+        table = table[torch.tensor(inverse, device=table.device)]
     return table
 
 
@@ -164,8 +205,11 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
 def _finish_rows(table: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The manifest statistics of a whole table, on its device: ``[k, 6]`` of min, max, mean, std, norm and
     1.0 where the row is finite (0.0 where it shows NaN, Inf or overflow, or the tensor is empty)."""
-    numel = torch.tensor([t.numel() * (2 if t.is_complex() else 1) for t in tensors], dtype=torch.float64,
-                         device=table.device)
+    return _finish_table(table, torch.tensor([t.numel() * (2 if t.is_complex() else 1) for t in tensors],
+                                             dtype=torch.float64, device=table.device))
+
+
+def _finish_table(table: torch.Tensor, numel: torch.Tensor) -> torch.Tensor:
     lo, hi, total, m2 = table.unbind(1)
     mean = total / numel
     std = torch.sqrt(torch.clamp(m2 / numel, min=0.0))
@@ -184,8 +228,15 @@ def batch_stats(tensors: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
     tensor whose row shows NaN/Inf or overflow is looked at again, by :func:`tensor_stats`)."""
     if not tensors:
         return []
-    rows = read_back(_finish_rows(reduce_rows(tensors), tensors))
-    return [_row_dict(row) if row[5] else tensor_stats(t) for row, t in zip(rows, tensors, strict=True)]
+    groups, large, empty, numels = _order_groups(tensors)
+    order = [i for indices in groups for i in indices] + large + empty
+    table = _reduce_ordered(tensors, groups, large, empty)
+    counts = torch.tensor([numels[i] for i in order], dtype=torch.float64, device=table.device)
+    out: list[dict[str, Any]] = [{}] * len(tensors)
+    for i, (lo, hi, mean, std, norm, finite) in zip(order, read_back(_finish_table(table, counts)), strict=True):
+        out[i] = {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": 0, "inf": 0} if finite \
+            else tensor_stats(tensors[i])
+    return out
 
 
 def content_hash(t: torch.Tensor) -> str:

@@ -31,9 +31,24 @@ def encode_line(record: dict[str, Any]) -> bytes:
     """One manifest line. orjson is several times faster than ``json`` (a capture writes thousands of lines
     per step); what it refuses (a lone surrogate in a name given to ``save``) goes through ``json``."""
     try:
-        return orjson.dumps(record) + b"\n"
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
     except (orjson.JSONEncodeError, TypeError):
         return (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def encode_lines(records: list[dict[str, Any]]) -> bytes:
+    """The manifest lines of many records (each a JSON object whose first key is ``kind``), the same bytes as
+    :func:`encode_line` of each: one orjson call for all of them, its array split between its items. Between
+    two items orjson writes ``,{"kind":``, which no string value can hold (its quotes are escaped) and no
+    nested object begins with. A capture writes thousands of lines a step; one call a line cost several times
+    more (each call allocates and shrinks its own output buffer)."""
+    if not records:
+        return b""
+    try:
+        joined = orjson.dumps(records)
+    except (orjson.JSONEncodeError, TypeError):
+        return b"".join(map(encode_line, records))
+    return joined[1:-1].replace(b',{"kind":', b'\n{"kind":') + b"\n"
 
 
 def decode_line(raw: bytes) -> Any:
@@ -43,6 +58,17 @@ def decode_line(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+
+
+def decode_lines(raws: list[bytes]) -> list[Any] | None:
+    """Many manifest lines parsed in one orjson call (as the items of one array), or None unless each line is
+    exactly one JSON value orjson reads: then :func:`decode_line` reads them one by one and tells the bad ones.
+    (Each line is at least one value, so as many values as lines means one each.)"""
+    try:
+        records = orjson.loads(b"[" + b",".join(raws) + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    return records if len(records) == len(raws) else None
 
 
 #: part names; ``kwarg`` is an input passed by keyword, ``save`` a tensor given to ``llmdiff.save``,
@@ -99,13 +125,8 @@ class Entry:
         return n
 
     def to_json(self) -> dict[str, Any]:
-        record = {"kind": "entry", "seq": self.seq, "rank": self.rank, "step": self.step, "module": self.module,
-                  "type": self.type, "call": self.call, "part": self.part, "path": self.path, "shape": self.shape,
-                  "dtype": self.dtype, "device": self.device, "stats": self.stats, "data": self.data,
-                  "note": self.note}
-        if self.caller is not None:
-            record["caller"] = self.caller
-        return record
+        return entry_record(self.seq, self.rank, self.step, self.module, self.type, self.call, self.part, self.path,
+                            self.shape, self.dtype, self.device, self.stats, self.data, self.note, self.caller)
 
     @classmethod
     def from_json(cls, record: dict[str, Any], process: str = "") -> Entry:
@@ -141,6 +162,19 @@ class Entry:
             caller=_str(record, "caller", None),
             process=process,
         )
+
+
+def entry_record(seq: int, rank: int, step: int, module: str, type_name: str, call: int, part: str, path: str,
+                 shape: list[int] | tuple[int, ...], dtype: str, device: str, stats: dict[str, Any] | None,
+                 data: dict[str, str] | None, note: str | None, caller: str | None) -> dict[str, Any]:
+    """The manifest line of one entry, as a JSON object (:meth:`Entry.to_json`; the writer calls it with the
+    capture's plain values, without making an ``Entry``)."""
+    record = {"kind": "entry", "seq": seq, "rank": rank, "step": step, "module": module, "type": type_name,
+              "call": call, "part": part, "path": path, "shape": shape, "dtype": dtype, "device": device,
+              "stats": stats, "data": data, "note": note}
+    if caller is not None:
+        record["caller"] = caller
+    return record
 
 
 def _well_formed_entry(record: dict[str, Any], process: str) -> Entry | None:

@@ -19,17 +19,38 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import TensorSpec, serialize_file
 
 from llmdiff.errors import LlmdiffError
-from llmdiff.store.schema import MANIFEST_FILE, PARTIAL_SUFFIX, SHARD_TEMPLATE, Entry, StepRecord, encode_line
+from llmdiff.store.schema import (
+    MANIFEST_FILE,
+    PARTIAL_SUFFIX,
+    SHARD_TEMPLATE,
+    StepRecord,
+    encode_line,
+    encode_lines,
+    entry_record,
+)
 
 _CLOSE = object()
+
+#: One captured entry as the capture hands it over: a tuple of plain values (which Python's cycle collector
+#: stops tracking), ``(seq, step, module, type, call, part, path, shape, dtype, device, note, caller, index,
+#: same_as, keep)``. ``index`` >= 0: its copy is ``tensors[index]`` and its statistics ``stats[index]``, the copy
+#: stored when ``keep``; ``same_as`` >= 0: it holds the same tensor as that earlier entry (by seq) of its step.
+PendingEntry = tuple[int, int, str, str, int, str, str, tuple[int, ...], str, str, str | None, str | None, int, int,
+                     bool]
+
+
+class _Batch(NamedTuple):
+    rank: int
+    entries: list[PendingEntry]
+    tensors: list[torch.Tensor]
+    stats: list[dict[str, Any]]
 
 
 def spare_cpu() -> bool:
@@ -65,8 +86,8 @@ class DumpWriter:
         self._shard_index = 0
         self._shard: dict[str, torch.Tensor] = {}
         self._shard_size = 0
-        # Lines are encoded as entries arrive and written once their shard is in place; an entry itself is not
-        # kept (a step's thousands of live objects would cost Python's collector full passes over the program).
+        # Lines are encoded as entries arrive and written once their shard is in place; no Entry object is made
+        # (a step's thousands of live objects would cost Python's collector full passes over the program).
         self._pending: list[bytes] = []
         self._stored: dict[int, tuple[dict[str, str] | None, dict[str, Any] | None, str | None]] = {}
         self._thread = threading.Thread(target=self._run, name="llmdiff-writer", daemon=True)
@@ -74,22 +95,22 @@ class DumpWriter:
             self._thread.start()
 
     # -- called from the capturing thread -------------------------------------------------------
-    def add(self, items: Iterable[tuple[Entry, torch.Tensor | None, int | None]]) -> None:
-        """Queue entries, in order: ``(entry, tensor, same_as)``. ``tensor`` (a private copy) is stored
-        unless None; ``same_as`` instead reuses the data and statistics of an earlier entry (by seq)
-        of the current step. Writing inline, ``items`` is consumed as it is iterated."""
+    def add(self, rank: int, entries: list[PendingEntry], tensors: list[torch.Tensor],
+            stats: list[dict[str, Any]]) -> None:
+        """Queue entries of ``rank``, in order (see :data:`PendingEntry`); ``tensors`` are private copies, and
+        ``stats`` their statistics."""
         self._raise_if_failed()
+        batch = _Batch(rank, entries, tensors, stats)
         if not self.background:
-            self._handle((items, 0))
+            self._handle((batch, 0))
             return
-        items = list(items)
-        size = sum(t.numel() * t.element_size() for _, t, _ in items if t is not None)
+        size = sum(tensors[e[12]].numel() * tensors[e[12]].element_size() for e in entries if e[14])
         if size:
             with self._budget:
                 while self._in_flight and self._in_flight + size > self.queue_bytes:
                     self._budget.wait()
                 self._in_flight += size
-        self._queue.put((items, size))
+        self._queue.put((batch, size))
 
     def end_step(self, record: StepRecord, wait: bool = False) -> None:
         """Mark a step complete: everything queued before is made durable, then the step line. With ``wait``,
@@ -154,8 +175,7 @@ class DumpWriter:
             elif isinstance(item, StepRecord):
                 self._end_step(item)
             else:
-                for entry, tensor, same_as in item[0]:
-                    self._store(entry, tensor, same_as)
+                self._store(item[0])
         except BaseException as exc:  # reported to the capturing thread
             self.error = exc
         finally:
@@ -174,20 +194,32 @@ class DumpWriter:
                 self._in_flight -= item[1]
                 self._budget.notify_all()
 
-    def _store(self, entry: Entry, tensor: torch.Tensor | None, same_as: int | None) -> None:
-        source = self._stored.get(same_as) if same_as is not None else None
-        if source is not None:
-            entry.data, entry.stats, entry.note = source
-        elif tensor is not None:
-            data = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
-            key = str(entry.seq)
-            self._shard[key] = data.contiguous()
-            self._shard_size += data.numel() * data.element_size()
-            entry.data = {"file": SHARD_TEMPLATE.format(self._shard_index), "key": key}
-        self._stored[entry.seq] = (entry.data, entry.stats, entry.note)
-        self._pending.append(encode_line(entry.to_json()))
-        if self._shard_size >= self.shard_bytes:
-            self._commit()
+    def _store(self, batch: _Batch) -> None:
+        rank, tensors, stats, stored = batch.rank, batch.tensors, batch.stats, self._stored
+        records = []
+        for seq, step, module, type_name, call, part, path, shape, dtype, device, note, caller, index, same_as, \
+                keep in batch.entries:
+            data: dict[str, str] | None = None
+            stat: dict[str, Any] | None = None
+            if index >= 0:
+                stat = stats[index]
+                if keep:
+                    tensor = tensors[index]
+                    on_host = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
+                    key = str(seq)
+                    self._shard[key] = on_host.contiguous()
+                    self._shard_size += on_host.numel() * on_host.element_size()
+                    data = {"file": SHARD_TEMPLATE.format(self._shard_index), "key": key}
+                stored[seq] = (data, stat, note)
+            elif same_as >= 0 and same_as in stored:
+                data, stat, note = stored[same_as]
+            records.append(entry_record(seq, rank, step, module, type_name, call, part, path, shape, dtype, device,
+                                        stat, data, note, caller))
+            if self._shard_size >= self.shard_bytes:
+                self._pending.append(encode_lines(records))  # these lines point into the shard about to be committed
+                records = []
+                self._commit()
+        self._pending.append(encode_lines(records))
 
     def _commit(self) -> None:
         """Put the current shard in place, then write the manifest lines that point into it."""
