@@ -152,19 +152,3 @@ def test_lines_encoded_together_are_the_lines_encoded_one_by_one():
     assert encode_lines(surrogate) == b"".join(encode_line(r) for r in surrogate)
     assert [json.loads(line)["seq"] for line in encode_lines(surrogate).splitlines()] == [0, 1, 99]
 
-
-def test_lines_read_together_are_the_lines_read_one_by_one(dump_dir):
-    """The reader parses a manifest's lines in one orjson call; only when each line is exactly one JSON value,
-    otherwise one by one (so a torn, empty or doubled line is still named by its number)."""
-    from llmdiff.store.schema import decode_line, decode_lines
-
-    lines = (dump_dir / "proc0" / "manifest.jsonl").read_bytes().splitlines()
-    assert decode_lines(lines) == [decode_line(line) for line in lines]
-    for bad in (b"", b"  ", b'{"kind": "entry", "seq": 1', b'{"a": 1}, {"b": 2}', b"NaN", b'{"x": NaN}'):
-        assert decode_lines([*lines[:2], bad, *lines[2:]]) is None, bad
-    dump = llmdiff.open_dump(dump_dir)
-    manifest = dump_dir / "proc0" / "manifest.jsonl"
-    manifest.write_bytes(b"\n".join([lines[0], b'{"a": 1}, {"b": 2}', *lines[1:]]) + b"\n")
-    damaged = llmdiff.open_dump(dump_dir)
-    assert [e.key for e in damaged.entries] == [e.key for e in dump.entries]
-    assert any("manifest.jsonl:2: unreadable line ignored" in p for p in damaged.problems)

@@ -30,7 +30,6 @@ from llmdiff.store.schema import (
     RecordError,
     StepRecord,
     decode_line,
-    decode_lines,
 )
 
 #: Shards kept open or in memory at once, and the bytes of those read whole (least recently used go first).
@@ -40,8 +39,6 @@ MAPPED_SHARDS = 4  # large shards stay memory-mapped; their touched pages count 
 #: Shards up to this size are read whole into memory (decode steps write many small ones).
 SMALL_SHARD = 16 << 20
 _SHARD_NAME = re.compile(r"shard-\d{6}\.safetensors")
-#: Manifest lines parsed together (one orjson call each batch, see decode_lines).
-MANIFEST_BATCH = 1 << 14
 
 
 @dataclass
@@ -279,41 +276,34 @@ def read_process(folder: Path, problems: list[str], root: Path | None = None) ->
         problems.append(f"{manifest}: not a regular file inside the dump; process folder skipped")
         return proc
     with open(manifest, "rb") as f:
-        lines = f.read().split(b"\n")
-    if not lines[-1]:
-        lines.pop()  # after the last newline
-    batch: list[Any] | None = None
-    for index, raw in enumerate(lines):
-        if index % MANIFEST_BATCH == 0:
-            batch = decode_lines(lines[index:index + MANIFEST_BATCH])
-        number = index + 1
-        try:
-            record = batch[index % MANIFEST_BATCH] if batch is not None else decode_line(raw)
-            kind = record["kind"] if isinstance(record, dict) else None
-            parsed = (StepRecord.from_json(record) if kind == "step" else
-                      Entry.from_json(record, process=folder.name) if kind == "entry" else None)
-        except RecordError as exc:
-            problems.append(f"{manifest}:{number}: bad {kind} line ignored ({exc})")
-            continue
-        except (ValueError, KeyError, TypeError, RecursionError):
-            problems.append(f"{manifest}:{number}: unreadable line ignored (torn write?)")
-            continue
-        if isinstance(parsed, StepRecord):
-            proc.steps.append(parsed)
-            proc.entries.extend(pending)
-            pending = []
-        elif isinstance(parsed, Entry):
-            entry = parsed
-            if entry.data is not None:
-                name = entry.data["file"]
-                if name not in shard_ok:
-                    shard_ok[name] = bool(_SHARD_NAME.fullmatch(name)) and _shard_readable(folder / name, root)
+        for number, raw in enumerate(f, 1):
+            try:
+                record = decode_line(raw)
+                kind = record["kind"] if isinstance(record, dict) else None
+                parsed = (StepRecord.from_json(record) if kind == "step" else
+                          Entry.from_json(record, process=folder.name) if kind == "entry" else None)
+            except RecordError as exc:
+                problems.append(f"{manifest}:{number}: bad {kind} line ignored ({exc})")
+                continue
+            except (ValueError, KeyError, TypeError, RecursionError):
+                problems.append(f"{manifest}:{number}: unreadable line ignored (torn write?)")
+                continue
+            if isinstance(parsed, StepRecord):
+                proc.steps.append(parsed)
+                proc.entries.extend(pending)
+                pending = []
+            elif isinstance(parsed, Entry):
+                entry = parsed
+                if entry.data is not None:
+                    name = entry.data["file"]
+                    if name not in shard_ok:
+                        shard_ok[name] = bool(_SHARD_NAME.fullmatch(name)) and _shard_readable(folder / name, root)
+                        if not shard_ok[name]:
+                            problems.append(f"{folder / name}: data file missing, truncated, misnamed or outside "
+                                            "the dump; its entries are kept as statistics only")
                     if not shard_ok[name]:
-                        problems.append(f"{folder / name}: data file missing, truncated, misnamed or outside "
-                                        "the dump; its entries are kept as statistics only")
-                if not shard_ok[name]:
-                    entry.data, entry.note = None, DATA_MISSING
-            pending.append(entry)
+                        entry.data, entry.note = None, DATA_MISSING
+                pending.append(entry)
     if pending:
         proc.unfinished = len(pending)
         problems.append(f"{folder}: {len(pending)} entries of an unfinished step ignored "

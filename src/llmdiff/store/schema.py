@@ -60,17 +60,6 @@ def decode_line(raw: bytes) -> Any:
         return json.loads(raw)
 
 
-def decode_lines(raws: list[bytes]) -> list[Any] | None:
-    """Many manifest lines parsed in one orjson call (as the items of one array), or None unless each line is
-    exactly one JSON value orjson reads: then :func:`decode_line` reads them one by one and tells the bad ones.
-    (Each line is at least one value, so as many values as lines means one each.)"""
-    try:
-        records = orjson.loads(b"[" + b",".join(raws) + b"]")
-    except orjson.JSONDecodeError:
-        return None
-    return records if len(records) == len(raws) else None
-
-
 #: part names; ``kwarg`` is an input passed by keyword, ``save`` a tensor given to ``llmdiff.save``,
 #: ``param`` a module parameter or buffer (its ``path`` is the parameter's name).
 PARTS = ("input", "kwarg", "output", "save", "param")
