@@ -268,7 +268,7 @@ def _reference_stats(t: torch.Tensor) -> dict:
 
 
 def test_statistics_match_a_float64_reference():
-    from llmdiff.capture.stats import CHUNK, SEGMENT_MAX, batch_stats, tensor_stats
+    from llmdiff.capture.stats import CHUNK, GROUP_MAX, SEGMENT_MAX, batch_stats, tensor_stats
 
     torch.manual_seed(0)
     tensors = [torch.randn(5, 7), torch.randn(5, 7), torch.tensor([34519, 1, 9690]), torch.randn(3).to(torch.bfloat16),
@@ -280,7 +280,8 @@ def test_statistics_match_a_float64_reference():
                torch.randn(CHUNK + 5).to(torch.bfloat16) - 3, torch.arange(CHUNK * 2),
                torch.full((9,), torch.finfo(torch.float32).min),  # attention masks: a float32 sum overflows
                torch.full((SEGMENT_MAX + 3,), torch.finfo(torch.float32).max),
-               torch.randn(CHUNK + 1) * 3 - 1, torch.ones(SEGMENT_MAX * 2)]
+               torch.randn(GROUP_MAX) * 1e-3 + 1.0, torch.randn(GROUP_MAX) * 1e-3 - 1.0,  # stacked together
+               torch.randn(GROUP_MAX + 1) * 3 - 1, torch.ones(SEGMENT_MAX * 2)]
     batched = batch_stats(tensors)
     for t, got in zip(tensors, batched, strict=True):
         for stats in (got, tensor_stats(t)):
