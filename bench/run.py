@@ -198,6 +198,36 @@ def report(results: dict) -> None:
             print(f"  `llmdiff compare` command, process start included: {c['cli_seconds']:.2f}s = "
                   f"{c['bytes'] / c['cli_seconds'] / 1e9:.3f} GB/s, of which {c['import_seconds']:.2f}s is "
                   f"starting Python and importing torch; peak RSS {c['cli_peak_rss_mb']:.0f} MB")
+    goals(results)
+
+
+#: Issue 13's goals: capture overhead on SmolLM2 decode (ratio to no capture), compare throughput (GB/s of both
+#: dumps, `llmdiff compare` with process start). The prefill-shape goals are in bench/peers.py's output.
+CAPTURE_GOALS = {"stats": 1.15, "tensor": 1.6, "op-stats": 2.0}
+COMPARE_GOALS = {"compare_decode": 0.5, "compare_prefill": 2.0}
+
+
+def goals(results: dict) -> None:
+    """Each measured number beside its goal, and how much of a command's time starting Python and torch took."""
+    smol = results.get("smollm2")
+    lines = []
+    if smol:
+        for mode, goal in CAPTURE_GOALS.items():
+            median = smol["median_s"][mode] / smol["median_s"]["none"]
+            fastest = smol["min_s"][mode] / smol["min_s"]["none"]
+            verdict = "met" if median <= goal else "met by the fastest run only" if fastest <= goal else "not met"
+            lines.append(f"  SmolLM2 decode, {mode:9s} {median:.2f}x (fastest {fastest:.2f}x)  goal <= {goal}x  "
+                         f"{verdict}")
+    for name, goal in COMPARE_GOALS.items():
+        c = results.get(name)
+        if c:
+            got = c["bytes"] / c["cli_seconds"] / 1e9
+            floor = c["bytes"] / c["import_seconds"] / 1e9  # what importing torch alone leaves possible
+            lines.append(f"  {name:16s} {got:.3f} GB/s  goal >= {goal} GB/s  {'met' if got >= goal else 'not met'} "
+                         f"(starting Python and torch alone caps it at {floor:.2f} GB/s)")
+    if lines:
+        print("\nagainst issue 13's goals:")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,23 @@ def test_bench_script_runs(tmp_path):
     assert "ratio of medians: stats" in out and "ratio of fastest: stats" in out and "no capture" in out
 
 
+def test_bench_prints_each_number_beside_its_goal(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", EXAMPLES.parent / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seconds = {"none": 2.0, "stats": 2.2, "tensor": 3.4, "op-stats": 4.2}
+    bench.goals({"smollm2": {"median_s": seconds, "min_s": {**seconds, "op-stats": 3.9}},
+                 "compare_decode": {"bytes": 184e6, "cli_seconds": 6.0, "import_seconds": 2.5}})
+    out = capsys.readouterr().out
+    assert "stats     1.10x (fastest 1.10x)  goal <= 1.15x  met" in out
+    assert "tensor    1.70x (fastest 1.70x)  goal <= 1.6x  not met" in out
+    assert "op-stats  2.10x (fastest 1.95x)  goal <= 2.0x  met by the fastest run only" in out
+    assert "0.031 GB/s  goal >= 0.5 GB/s  not met (starting Python and torch alone caps it at 0.07 GB/s)" in out
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_seed_tools(model, tmp_path):
     out = run([sys.executable, EXAMPLES / "seed_tools.py", "--model", model, "--out", tmp_path / "r",
