@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,7 +50,7 @@ PendingEntry = tuple[int, int, str, str, int, str, str, tuple[int, ...], str, st
 class _Batch(NamedTuple):
     rank: int
     entries: list[PendingEntry]
-    tensors: list[torch.Tensor]
+    tensors: Sequence[torch.Tensor | None]  # by index; None where nothing is stored
     stats: list[dict[str, Any]]
 
 
@@ -100,11 +101,17 @@ class DumpWriter:
         """Queue entries of ``rank``, in order (see :data:`PendingEntry`); ``tensors`` are private copies, and
         ``stats`` their statistics."""
         self._raise_if_failed()
-        batch = _Batch(rank, entries, tensors, stats)
         if not self.background:
-            self._handle((batch, 0))
+            self._handle((_Batch(rank, entries, tensors, stats), 0))
             return
-        size = sum(tensors[e[12]].numel() * tensors[e[12]].element_size() for e in entries if e[14])
+        # The queue holds only the copies it stores: the others (statistics only) are freed, or reused, now.
+        stored: list[torch.Tensor | None] = [None] * len(tensors)
+        size = 0
+        for entry in entries:
+            if entry[14]:
+                tensor = stored[entry[12]] = tensors[entry[12]]
+                size += tensor.numel() * tensor.element_size()
+        batch = _Batch(rank, entries, stored, stats)
         if size:
             with self._budget:
                 while self._in_flight and self._in_flight + size > self.queue_bytes:
@@ -203,8 +210,8 @@ class DumpWriter:
             stat: dict[str, Any] | None = None
             if index >= 0:
                 stat = stats[index]
-                if keep:
-                    tensor = tensors[index]
+                tensor = tensors[index]
+                if keep and tensor is not None:
                     on_host = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
                     key = str(seq)
                     self._shard[key] = on_host.contiguous()
