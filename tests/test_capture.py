@@ -425,3 +425,57 @@ def test_a_step_keeps_few_objects_for_pythons_collector(tmp_path, monkeypatch):
     assert len(lines) >= 804 and tracked["entries_alive"] == 0
     dump = llmdiff.open_dump(tmp_path / "r")
     assert len(dump.entries) == 804 and {e.stats["max"] for e in dump.entries} == {x.max().item()}
+
+
+def test_stored_copies_reach_the_host_through_reused_staging_blocks(tmp_path, monkeypatch):
+    # On an accelerator a stored copy goes to the host asynchronously, into page-locked blocks that are
+    # reused, and the writer waits once per batch, never per tensor. This machine has no accelerator: the
+    # same code runs here on CPU tensors treated as device tensors (pageable blocks, no event to wait on).
+    from llmdiff.store import writer
+    from llmdiff.testing import tiny_llama
+
+    model, ids = tiny_llama(layers=3), torch.tensor([[3, 17, 42, 99, 5]])
+    with llmdiff.capture(model, tmp_path / "direct", steps="all"), torch.no_grad():
+        for _ in range(6):
+            model(ids)
+    monkeypatch.setattr(writer, "_on_device", lambda tensor: True)
+    moved = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(a) or real_to(self, *a, **k))
+    with llmdiff.capture(model, tmp_path / "staged", steps="all") as run, torch.no_grad():
+        for _ in range(6):
+            model(ids)
+        staging = run._writer.staging
+    direct, staged = llmdiff.open_dump(tmp_path / "direct"), llmdiff.open_dump(tmp_path / "staged")
+    assert len(staged.entries) == len(direct.entries) > 100 and run.internal_errors == 0
+    for a, b in zip(direct.entries, staged.entries, strict=True):
+        assert (a.key, a.stats) == (b.key, b.stats)
+        if a.data:
+            assert torch.equal(direct.load(a), staged.load(b))
+    assert not [a for a in moved if a and str(a[0]) == "cpu"]  # no tensor brought over one by one
+    # a block comes back once the shard holding its copies is on disk, and is handed out again
+    assert staging is not None and staging.allocated == 1
+    assert [block.users for block in staging._free] == [0]
+
+
+def test_host_staging_reuses_blocks_and_keeps_each_copy_exact():
+    from llmdiff.store.pinned import MIN_BLOCK, HostStaging
+
+    staging = HostStaging(pin_memory=False, keep_bytes=MIN_BLOCK)
+    tensors = [torch.randn(3, 4), torch.empty(0, 5), torch.tensor(2.5, dtype=torch.float64),
+               torch.randn(4, 3).t(), torch.tensor([True, False]), torch.randn(5, dtype=torch.bfloat16)]
+    copies, block, event = staging.stage(tensors)
+    assert event is None and block.users == len(tensors)
+    for copy, tensor in zip(copies, tensors, strict=True):
+        assert copy.dtype == tensor.dtype and copy.shape == tensor.shape and torch.equal(copy, tensor)
+    assert len({c.data_ptr() % 64 for c in copies if c.numel()}) == 1  # each copy starts aligned
+    for _ in copies[:-1]:
+        staging.release(block)
+    assert staging._free == []  # a copy still in use holds its block
+    staging.release(block)
+    _, block2, _ = staging.stage([torch.ones(10)])
+    assert block2 is block and staging.allocated == 1
+    _, block3, _ = staging.stage([torch.zeros(MIN_BLOCK // 4 + 1)])  # more bytes than a block: a bigger one
+    assert block3.size == 2 * MIN_BLOCK and staging.allocated == 2
+    staging.release(block3)
+    assert staging._free == []  # beyond keep_bytes: freed, not kept

@@ -12,6 +12,10 @@ letting memory grow. With ``background=False`` the same work runs in the caller'
 
 A SIGKILL at any moment therefore leaves complete steps readable, a leftover ``.partial`` file that
 readers ignore, and at worst a torn last manifest line that readers skip.
+
+Tensors on an accelerator reach the host without holding the capturing thread: :meth:`DumpWriter.add`
+queues their copies into reusable page-locked blocks (:mod:`llmdiff.store.pinned`) with one event per
+batch, and the writer thread waits on that event, never on a tensor.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from safetensors import TensorSpec, serialize_file
 
 from llmdiff.errors import LlmdiffError
+from llmdiff.store.pinned import HostBlock, HostStaging
 from llmdiff.store.schema import (
     MANIFEST_FILE,
     PARTIAL_SUFFIX,
@@ -50,8 +55,15 @@ PendingEntry = tuple[int, int, str, str, int, str, str, tuple[int, ...], str, st
 class _Batch(NamedTuple):
     rank: int
     entries: list[PendingEntry]
-    tensors: Sequence[torch.Tensor | None]  # by index; None where nothing is stored
+    tensors: Sequence[torch.Tensor | None]  # by index, on the host; None where nothing is stored
     stats: list[dict[str, Any]]
+    blocks: dict[int, HostBlock]  # by index: the host block of a copy staged from a device
+    arriving: list[torch.Event]  # recorded after the staged copies: wait before reading them
+
+
+def _on_device(tensor: torch.Tensor) -> bool:
+    """Whether a stored copy has to be brought to the host (through :class:`HostStaging`)."""
+    return tensor.device.type != "cpu"
 
 
 def spare_cpu() -> bool:
@@ -91,6 +103,8 @@ class DumpWriter:
         # (a step's thousands of live objects would cost Python's collector full passes over the program).
         self._pending: list[bytes] = []
         self._stored: dict[int, tuple[dict[str, str] | None, dict[str, Any] | None, str | None]] = {}
+        self._shard_blocks: list[HostBlock] = []  # one item per staged copy in the current shard
+        self.staging: HostStaging | None = None  # made when the first tensor on a device arrives
         self._thread = threading.Thread(target=self._run, name="llmdiff-writer", daemon=True)
         if background:
             self._thread.start()
@@ -101,17 +115,30 @@ class DumpWriter:
         """Queue entries of ``rank``, in order (see :data:`PendingEntry`); ``tensors`` are private copies, and
         ``stats`` their statistics."""
         self._raise_if_failed()
-        if not self.background:
-            self._handle((_Batch(rank, entries, tensors, stats), 0))
-            return
-        # The queue holds only the copies it stores: the others (statistics only) are freed, or reused, now.
+        # Only the copies to store travel on: the others (statistics only) are freed, or reused, now.
         stored: list[torch.Tensor | None] = [None] * len(tensors)
         size = 0
+        on_device: dict[torch.device, list[int]] = {}
         for entry in entries:
             if entry[14]:
                 tensor = stored[entry[12]] = tensors[entry[12]]
                 size += tensor.numel() * tensor.element_size()
-        batch = _Batch(rank, entries, stored, stats)
+                if _on_device(tensor):
+                    on_device.setdefault(tensor.device, []).append(entry[12])
+        blocks: dict[int, HostBlock] = {}
+        arriving: list[torch.Event] = []
+        for device, indices in on_device.items():
+            if self.staging is None:
+                self.staging = HostStaging(pin_memory=device.type != "cpu", keep_bytes=self.shard_bytes)
+            copies, block, event = self.staging.stage([stored[i] for i in indices])  # type: ignore[misc]
+            for i, copy in zip(indices, copies, strict=True):
+                stored[i], blocks[i] = copy, block
+            if event is not None:
+                arriving.append(event)
+        batch = _Batch(rank, entries, stored, stats, blocks, arriving)
+        if not self.background:
+            self._handle((batch, 0))
+            return
         if size:
             with self._budget:
                 while self._in_flight and self._in_flight + size > self.queue_bytes:
@@ -203,6 +230,8 @@ class DumpWriter:
 
     def _store(self, batch: _Batch) -> None:
         rank, tensors, stats, stored = batch.rank, batch.tensors, batch.stats, self._stored
+        for event in batch.arriving:
+            event.synchronize()
         records = []
         for seq, step, module, type_name, call, part, path, shape, dtype, device, note, caller, index, same_as, \
                 keep in batch.entries:
@@ -212,10 +241,11 @@ class DumpWriter:
                 stat = stats[index]
                 tensor = tensors[index]
                 if keep and tensor is not None:
-                    on_host = tensor if tensor.device.type == "cpu" else tensor.to("cpu")
                     key = str(seq)
-                    self._shard[key] = on_host.contiguous()
-                    self._shard_size += on_host.numel() * on_host.element_size()
+                    self._shard[key] = tensor.contiguous()
+                    self._shard_size += tensor.numel() * tensor.element_size()
+                    if index in batch.blocks:
+                        self._shard_blocks.append(batch.blocks[index])
                     data = {"file": SHARD_TEMPLATE.format(self._shard_index), "key": key}
                 stored[seq] = (data, stat, note)
             elif same_as >= 0 and same_as in stored:
@@ -242,6 +272,10 @@ class DumpWriter:
             self.bytes_written += final.stat().st_size
             self._shard_index += 1
             self._shard, self._shard_size = {}, 0
+            if self.staging is not None:
+                for block in self._shard_blocks:
+                    self.staging.release(block)
+            self._shard_blocks.clear()
         self._manifest.write(b"".join(self._pending))
         self._pending.clear()
         self._manifest.flush()
