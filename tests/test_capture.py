@@ -479,3 +479,61 @@ def test_host_staging_reuses_blocks_and_keeps_each_copy_exact():
     assert block3.size == 2 * MIN_BLOCK and staging.allocated == 2
     staging.release(block3)
     assert staging._free == []  # beyond keep_bytes: freed, not kept
+
+
+
+class _LargeOutput(torch.nn.Module):
+    """A linear layer whose output is large (reduced when its hook fires, not copied); with ``nan``, one of its
+    output columns is NaN; with ``change``, the output is overwritten in place after its hook."""
+
+    def __init__(self, nan: bool, change: bool):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 512)
+        self.change = change
+        if nan:
+            with torch.no_grad():
+                self.lin.weight[3, 0] = float("nan")
+
+    def forward(self, x):
+        y = self.lin(x)  # [64, 512]: more than GROUP_MAX elements
+        out = y * 2
+        if self.change:
+            y.fill_(1.0)
+        return out
+
+
+@pytest.mark.parametrize(("nan", "change"), [(False, False), (False, True), (True, False)])
+def test_a_large_tensor_reduced_at_its_hook_gives_the_statistics_of_a_copy(tmp_path, nan, change):
+    from llmdiff.capture.stats import GROUP_MAX
+
+    torch.manual_seed(0)
+    model, x = _LargeOutput(nan, change), torch.randn(64, 64)
+    with torch.no_grad():
+        y = model.lin(x)
+    assert y.numel() > GROUP_MAX
+    with llmdiff.capture(model, tmp_path / "hook", mode="stats") as run, torch.no_grad():
+        model(x)
+    assert run.internal_errors == 0
+    # hash=True makes the capture copy every tensor, as it did for all before: the reference
+    with llmdiff.capture(model, tmp_path / "copy", mode="stats", hash=True), torch.no_grad():
+        model(x)
+    at_hook, copied = llmdiff.open_dump(tmp_path / "hook"), llmdiff.open_dump(tmp_path / "copy")
+    assert len(at_hook.entries) == len(copied.entries) == 4  # the root's and lin's input and output
+    for a, b in zip(at_hook.entries, copied.entries, strict=True):
+        assert a.key == b.key and a.note == b.note
+        assert {k: v for k, v in a.stats.items() if k != "hash"} == pytest.approx(
+            {k: v for k, v in b.stats.items() if k != "hash"}, rel=1e-6)
+    lin = next(e for e in at_hook.entries if e.module == "lin" and e.part == "output")
+    finite = y[y.isfinite()]
+    assert lin.stats["max"] == pytest.approx(float(finite.max())) and lin.stats["nan"] == (64 if nan else 0)
+
+
+def test_nan_in_a_large_tensor_changed_in_place_later_is_reported_unknown_not_miscounted(tmp_path):
+    model = _LargeOutput(nan=True, change=True)  # the NaNs are gone when the step's statistics are counted
+    with llmdiff.capture(model, tmp_path / "d", mode="stats", modules=["lin"], parts="outputs") as run, \
+            torch.no_grad():
+        out = model(torch.randn(64, 64))
+    assert out.isnan().sum() == 64 and run.internal_errors == 0  # the program went on as without capture
+    (entry,) = llmdiff.open_dump(tmp_path / "d").entries
+    assert entry.stats["nan"] is None and entry.stats["max"] is None
+    assert entry.note.startswith("statistics unknown: NaN/Inf present")

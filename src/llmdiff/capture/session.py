@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
 from llmdiff.capture.staging import Arena
-from llmdiff.capture.stats import SEGMENT_MAX, batch_stats, content_hash
+from llmdiff.capture.stats import GROUP_MAX, SEGMENT_MAX, batch_stats, content_hash, reduce_now
 from llmdiff.config import (
     CaptureConfig,
     config_from_mapping,
@@ -179,6 +179,9 @@ class Capture:
         self._selected_now = False
         self._pending: list[tuple[Any, ...]] = []  # recorded this step, not yet flushed: see _record
         self._copies: list[torch.Tensor] = []  # the pending entries' copies, by the index their tuple holds
+        # by index in _copies: the statistics row, element count and version of a large tensor reduced when its hook
+        # fired; its item in _copies is the model's own tensor, looked at again only if the row shows NaN/Inf
+        self._reduced: dict[int, tuple[torch.Tensor, int, int]] = {}
         self._pending_bytes = 0
         self._staging = Arena(FLUSH_BYTES)
         self._pinned_calls = any(p.call is not None for p in self.config.modules)
@@ -186,6 +189,7 @@ class Capture:
         self._inputs = "input" in self.config.parts
         self._devices = bool(self.config.devices)
         self._keep = self.config.mode == "tensor"  # full tensors are stored (unless larger than _max_size)
+        self._reduce_at_hook = not self.config.hash  # a hash needs the bytes as they were: a copy
         self._max_size = self.config.max_tensor_size
         self._outputs = "output" in self.config.parts
         self._busy = False  # the capture's own torch calls are not ops of the model
@@ -638,10 +642,16 @@ class Capture:
             if keep:
                 note = f"stats only: {numel} elements > max_tensor_size {max_size}"
             keep = False
-        # What the model does next cannot change what was recorded. A copy that is only reduced to
-        # statistics goes into reusable memory; one that is stored gets its own.
+        # What the model does next cannot change what was recorded. A large tensor that is only reduced to
+        # statistics is reduced now (its version counter tells at the flush whether it is still what was
+        # reduced, should NaN/Inf need counting); inference tensors have no version counter and are copied. A
+        # smaller copy only reduced to statistics goes into reusable memory; one that is stored gets its own.
         copy = None
-        if not keep and numel > SEGMENT_MAX:
+        if not keep and numel > GROUP_MAX and self._reduce_at_hook and not tensor.is_inference():
+            self._reduced[len(self._copies)] = (reduce_now(tensor), numel * (2 if tensor.is_complex() else 1),
+                                                tensor._version)
+            copy = tensor
+        elif not keep and numel > SEGMENT_MAX:
             copy = self._staging.copy(tensor)
             if copy is None and self._pending:
                 self._flush()  # the staging memory is full: read back what it holds, then reuse it
@@ -656,18 +666,25 @@ class Capture:
         """Compute the pending entries' statistics (one read-back per device) and hand them to the writer."""
         if not self._pending:
             return
-        pending, copies = self._pending, self._copies
-        self._pending, self._copies, self._pending_bytes = [], [], 0
+        pending, copies, reduced = self._pending, self._copies, self._reduced
+        self._pending, self._copies, self._reduced, self._pending_bytes = [], [], {}, 0
+        rows = {i: (row, numel) for i, (row, numel, _) in reduced.items()}
+        gone = {i for i, (_, _, version) in reduced.items() if copies[i]._version != version}
         if len({copy.device for copy in copies}) <= 1:
-            stats = batch_stats(copies)
+            stats = batch_stats(copies, rows, gone)
         else:
             by_device: dict[torch.device, list[int]] = {}
             for index, copy in enumerate(copies):
                 by_device.setdefault(copy.device, []).append(index)
             stats = [{}] * len(copies)
             for indices in by_device.values():
-                for i, row in zip(indices, batch_stats([copies[i] for i in indices]), strict=True):
+                local = {k: rows[i] for k, i in enumerate(indices) if i in rows}
+                for i, row in zip(indices, batch_stats([copies[i] for i in indices], local,
+                                                       {k for k, i in enumerate(indices) if i in gone}), strict=True):
                     stats[i] = row
+        if gone and any(stats[i]["nan"] is None for i in gone):
+            pending = [_noted_unknown(entry) if entry[12] in gone and stats[entry[12]]["nan"] is None else entry
+                       for entry in pending]
         if self.config.hash:
             for row, copy in zip(stats, copies, strict=True):
                 row["hash"] = content_hash(copy)
@@ -706,11 +723,16 @@ class Capture:
     def _after_fork(self) -> None:
         # A forked child shares nothing with the parent's writer thread: it starts its own folder.
         self._writer = None
-        self._pending, self._copies, self._pending_bytes = [], [], 0
+        self._pending, self._copies, self._reduced, self._pending_bytes = [], [], {}, 0
         self.folder = self.rank = None
         self._seq = self.entries = self.steps_done = 0
         self._depth = 0
         self._frames = []
+
+
+def _noted_unknown(entry: tuple[Any, ...]) -> tuple[Any, ...]:
+    note = "statistics unknown: NaN/Inf present and the model changed the tensor in place before they were counted"
+    return (*entry[:10], note, *entry[11:])
 
 
 def _callers_of_shared(root: nn.Module, config: CaptureConfig) -> set[str]:
