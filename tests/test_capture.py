@@ -536,4 +536,15 @@ def test_nan_in_a_large_tensor_changed_in_place_later_is_reported_unknown_not_mi
     assert out.isnan().sum() == 64 and run.internal_errors == 0  # the program went on as without capture
     (entry,) = llmdiff.open_dump(tmp_path / "d").entries
     assert entry.stats["nan"] is None and entry.stats["max"] is None
-    assert entry.note.startswith("statistics unknown: NaN/Inf present")
+    assert entry.note.startswith("statistics unknown: NaN/Inf")
+    from llmdiff.store.summary import summarize
+
+    assert summarize(llmdiff.open_dump(tmp_path / "d")).first_nonfinite == entry  # `llmdiff show` names it
+    # no verdict is drawn from statistics that are not known: against a clean run it is not a pass
+    clean = _LargeOutput(nan=False, change=True)
+    clean.lin.load_state_dict(model.lin.state_dict() | {"weight": torch.zeros(512, 64)})
+    with llmdiff.capture(clean, tmp_path / "clean", mode="stats", modules=["lin"], parts="outputs"), \
+            torch.no_grad():
+        clean(torch.randn(64, 64))
+    (result,) = llmdiff.compare(tmp_path / "clean", tmp_path / "d").entries
+    assert result.status == "not_comparable" and result.reason == entry.note

@@ -43,7 +43,7 @@ from llmdiff.config import (
 )
 from llmdiff.engines import EngineSteps, engine_steps, resolve_model
 from llmdiff.errors import LlmdiffError
-from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, StepRecord
+from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, StepRecord, stats_unknown
 from llmdiff.store.writer import DumpWriter, spare_cpu
 
 _active: list[Capture] = []
@@ -682,8 +682,8 @@ class Capture:
                 for i, row in zip(indices, batch_stats([copies[i] for i in indices], local,
                                                        {k for k, i in enumerate(indices) if i in gone}), strict=True):
                     stats[i] = row
-        if gone and any(stats[i]["nan"] is None for i in gone):
-            pending = [_noted_unknown(entry) if entry[12] in gone and stats[entry[12]]["nan"] is None else entry
+        if gone and any(stats_unknown(stats[i]) for i in gone):
+            pending = [_noted_unknown(entry) if entry[12] in gone and stats_unknown(stats[entry[12]]) else entry
                        for entry in pending]
         if self.config.hash:
             for row, copy in zip(stats, copies, strict=True):
@@ -731,7 +731,8 @@ class Capture:
 
 
 def _noted_unknown(entry: tuple[Any, ...]) -> tuple[Any, ...]:
-    note = "statistics unknown: NaN/Inf present and the model changed the tensor in place before they were counted"
+    note = ("statistics unknown: NaN/Inf (or a sum overflowing) present, and the model changed the tensor in place "
+            "before they were counted")
     return (*entry[:10], note, *entry[11:])
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from llmdiff.store.schema import UNKNOWN_STATS
+
 #: Tensors up to this many elements are copied with their own allocation (larger ones only reduced to statistics
 #: go into a capture's reusable staging memory).
 SEGMENT_MAX = 1 << 12
@@ -248,10 +250,6 @@ def _row_dict(row: Sequence[float], nan: int = 0, inf: int = 0) -> dict[str, Any
     return {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": nan, "inf": inf}
 
 
-#: The statistics of a tensor whose row showed NaN or Inf when the tensor itself was no longer there to count them.
-UNKNOWN = {"min": None, "max": None, "mean": None, "std": None, "norm": None, "nan": None, "inf": None}
-
-
 def batch_stats(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[torch.Tensor, int]] | None = None,
                 gone: Collection[int] = ()) -> list[dict[str, Any]]:
     """:func:`tensor_stats` of many tensors of one device, with one read-back for all finite ones (only a
@@ -259,7 +257,7 @@ def batch_stats(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[tor
 
     ``reduced`` holds, by index, the row (:func:`reduce_now`) and element count of tensors reduced already:
     their tensor is only looked at again when the row is not finite, unless its index is in ``gone`` (it was
-    changed in place since it was reduced): then its statistics are :data:`UNKNOWN`."""
+    changed in place since it was reduced): then its statistics are :data:`~llmdiff.store.schema.UNKNOWN_STATS`."""
     if not tensors:
         return []
     reduced = reduced or {}
@@ -270,7 +268,7 @@ def batch_stats(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[tor
     out: list[dict[str, Any]] = [{}] * len(tensors)
     for i, (lo, hi, mean, std, norm, finite) in zip(order, read_back(_finish_table(table, counts)), strict=True):
         out[i] = {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": 0, "inf": 0} if finite \
-            else dict(UNKNOWN) if i in gone else tensor_stats(tensors[i])
+            else dict(UNKNOWN_STATS) if i in gone else tensor_stats(tensors[i])
     return out
 
 

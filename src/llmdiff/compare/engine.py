@@ -45,7 +45,7 @@ from llmdiff.compare.unshard import across_ranks, culprit_ranks, rank_blame, uns
 from llmdiff.config import ModulePattern, StepSet
 from llmdiff.errors import LlmdiffError, UsageError
 from llmdiff.store.reader import DATA_MISSING, Dump
-from llmdiff.store.schema import Entry
+from llmdiff.store.schema import Entry, stats_unknown
 
 Shards = tuple[tuple[int, int, int], ...] | None  # Entry.shards: (rank, first column, end)
 
@@ -201,6 +201,10 @@ class _Comparer:
                 if shared:  # a deferred pair is measured at the chunk's end
                     deferred = bool(chunk.deferred) and chunk.deferred[-1].result is result
                     (chunk.pending if deferred else self._measured)[key] = result
+        elif stats_unknown(g.stats) or stats_unknown(t.stats):  # NaN/Inf that could not be counted: no verdict
+            result.status, result.kind = NOT_COMPARABLE, "none"
+            result.reason = (g.note if stats_unknown(g.stats) else t.note) or "statistics unknown"
+            return result
         elif (g.stats or g.data) and (t.stats or t.data):  # statistics on one side at least
             self._compare_stats(result, g.stats or tensor_stats(self.golden.load(g)),
                                 t.stats or tensor_stats(self.target.load(t)), dtype)

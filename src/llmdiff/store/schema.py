@@ -234,6 +234,17 @@ class StepRecord:
                    note=_str(record, "note", None))
 
 
+#: The statistics of a tensor whose NaN/Inf could not be counted (it was changed in place before they were): all
+#: null, ``nan`` and ``inf`` included; the entry's note says why.
+UNKNOWN_STATS: dict[str, Any] = {"min": None, "max": None, "mean": None, "std": None, "norm": None, "nan": None,
+                                 "inf": None}
+
+
+def stats_unknown(stats: dict[str, Any] | None) -> bool:
+    """Whether ``stats`` are :data:`UNKNOWN_STATS`: NaN/Inf were present, how many is not known."""
+    return stats is not None and "nan" in stats and stats["nan"] is None
+
+
 class RecordError(ValueError):
     """A manifest line whose fields are missing or of the wrong type."""
 

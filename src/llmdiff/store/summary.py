@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llmdiff.store.reader import Dump
-from llmdiff.store.schema import Entry
+from llmdiff.store.schema import Entry, stats_unknown
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DumpSummary:
 
 def _nonfinite(entry: Entry) -> bool:
     stats = entry.stats or {}
-    return bool(stats.get("nan") or stats.get("inf"))
+    return bool(stats.get("nan") or stats.get("inf")) or stats_unknown(entry.stats)
 
 
 def _request_ids(dump: Dump) -> list[str]:
