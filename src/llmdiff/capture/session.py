@@ -648,8 +648,7 @@ class Capture:
         # smaller copy only reduced to statistics goes into reusable memory; one that is stored gets its own.
         copy = None
         if not keep and numel > GROUP_MAX and self._reduce_at_hook and not tensor.is_inference():
-            self._reduced[len(self._copies)] = (reduce_now(tensor), numel * (2 if tensor.is_complex() else 1),
-                                                tensor._version)
+            self._reduced[len(self._copies)] = (*reduce_now(tensor), tensor._version)
             copy = tensor
         elif not keep and numel > SEGMENT_MAX:
             copy = self._staging.copy(tensor)

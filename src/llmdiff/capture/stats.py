@@ -133,11 +133,14 @@ def _reduce_group(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([lo, hi, total, m2], dim=1).to(torch.float64)
 
 
-def reduce_now(t: torch.Tensor) -> torch.Tensor:
-    """The ``[4]`` row (min, max, sum, m2) of one tensor larger than ``GROUP_MAX`` elements, on its device,
-    without a synchronisation: a capture reduces such a tensor where its hook fires, from the model's own
-    tensor, instead of copying it to reduce later (the copy was a third of the statistics' cost on prefill)."""
-    return torch.stack(_reduce_large(_flat(t))).to(torch.float64)
+def reduce_now(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The ``[4]`` row (min, max, sum, m2) of one tensor larger than ``GROUP_MAX`` elements, on its device and
+    without a synchronisation, and the count of values it reduced (:func:`batch_stats` takes both). A capture
+    reduces such a tensor where its hook fires, from the model's own tensor, instead of copying it to reduce
+    later (the copy was a third of the statistics' cost on prefill). The row is made float64 at the flush, with
+    the others."""
+    flat = _flat(t)
+    return torch.stack(_reduce_large(flat)), flat.numel()
 
 
 def _order_groups(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[torch.Tensor, int]]
@@ -182,7 +185,7 @@ def _reduce_ordered(tensors: Sequence[torch.Tensor], groups: list[list[int]], la
         parts.append(torch.stack([s for i in large for s in _reduce_large(_flat(tensors[i]))])
                      .to(torch.float64).reshape(-1, 4))
     if reduced:
-        parts.append(torch.stack(list(reduced)))
+        parts.append(torch.stack(list(reduced)).to(torch.float64))
     if empty:
         parts.append(torch.full((len(empty), 4), math.nan, dtype=torch.float64, device=device))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
