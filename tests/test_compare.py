@@ -291,3 +291,30 @@ def test_a_culprit_within_budget_is_the_first_divergence(dumps, tmp_path):
     assert report.verdict == "diverged" and report.culprits[0].confirmed
     fd = report.first_divergence
     assert fd is not None and fd["module"] == report.culprits[0].module and fd["status"] == "culprit"
+
+
+def test_json_report_holds_what_dataclass_conversion_gives(dumps, tmp_path):
+    """The JSON report writes entries field by field (not ``dataclasses.asdict``) and one line each, with orjson:
+    it must parse back to exactly what the plain conversion gives, non-finite numbers, integer keys and text
+    orjson refuses included."""
+    from dataclasses import asdict
+
+    from llmdiff.compare.results import clean
+
+    report = llmdiff.compare(dumps["golden"], dumps["fp32_mlp"])
+    entries = report.entries
+    entries[0].metrics["cosine"] = float("nan")
+    entries[1].error, entries[1].budget = float("inf"), float("-inf")
+    entries[2].rank_errors, entries[2].ranks = {0: 1e-7, 1: float("nan")}, [1]
+    entries[3].reason = "lone surrogate \udc80 and é"
+    report.save(tmp_path / "r.json")
+    expected = []
+    for entry in entries:
+        record = asdict(entry)
+        del record["seq"]
+        expected.append(clean(record))
+    text = (tmp_path / "r.json").read_text(errors="surrogateescape")
+    written = json.loads(text)["entries"]
+    assert written == json.loads(json.dumps(expected))
+    assert written[0]["metrics"]["cosine"] == "nan" and written[2]["rank_errors"] == {"0": 1e-7, "1": "nan"}
+    assert sum(line.startswith('  {"index":') for line in text.splitlines()) == len(entries)  # one line each
