@@ -9,7 +9,7 @@ STAMP := $(VENV)/.llmdiff-installed
 VLLM_VENV ?= $(or $(LLMDIFF_CACHE),$(HOME)/.cache/llmdiff)/vllm-0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 
-.PHONY: demo demo-bug demo-vllm test lint bench install vllm-env clean
+.PHONY: demo demo-bug demo-vllm test lint bench bench-ab install vllm-env clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: $(STAMP) vllm-env
 	$(PY) bench/run.py
 	$(PY) bench/peers.py
 	$(VLLM_VENV)/bin/python bench/vllm_overhead.py $$($(PY) -c "from rich.console import Console; from llmdiff.demo import converted_model; print(converted_model(Console(stderr=True)))")
+
+# A change's capture overhead against a revision, processes alternated: make bench-ab REV=main [WORKLOAD=smollm2]
+bench-ab: $(STAMP)
+	$(PY) bench/ab.py $(or $(REV),HEAD) --workload $(or $(WORKLOAD),tiny)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache llmdiff-demo llmdiff-runs

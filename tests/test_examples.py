@@ -128,3 +128,18 @@ def test_seed_tools(model, tmp_path):
                "--tokens", "4"], tmp_path)
     assert "verdict: match" in out and "steps compared: [0, 1, 2, 3]" in out
     assert (tmp_path / "r" / "report.md").is_file()
+
+
+def test_bench_ab_measures_a_revision_against_this_tree(tmp_path):
+    """bench/ab.py exports a revision's src/ and alternates processes importing it and this tree (each run
+    checks which llmdiff it imported); a revision git does not know is one line and a non-zero exit."""
+    script = EXAMPLES.parent / "bench" / "ab.py"
+    out = run([sys.executable, script, "HEAD", "--pairs", "1", "--reps", "1", "--tokens", "2", "--modes", "stats"],
+              tmp_path)
+    assert "before (HEAD)" in out and "after (this tree)" in out and "after / before (overhead only)" in out
+    lines = [line for line in out.splitlines() if line.strip().startswith("1 ")]
+    assert len(lines) == 2 and all(line.rstrip().endswith("x") for line in lines)
+    bad = subprocess.run([sys.executable, script, "no-such-revision-xyz", "--pairs", "1"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "cannot export src/ of 'no-such-revision-xyz'" in bad.stderr
+    assert "Traceback" not in bad.stderr

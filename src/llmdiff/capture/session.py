@@ -232,8 +232,11 @@ class Capture:
             config = self.config
             self.save_weights(self.model, lambda path, owner: config.selects_module(path, type(owner).__name__))
         if self._ops_wanted is not None:
-            self._op_mode = OpRecorder(self._ops_wanted, lambda: self._depth > 0 and not self._busy,
-                                       self._record_op)
+            # The step test first thing: in a step that records nothing (steps="0" of a generate) an op then
+            # costs the mode's dispatch and this call, not the naming and counting of a recorded one.
+            self._op_mode = OpRecorder(
+                self._ops_wanted, lambda: self._depth > 0 and not self._busy and self._step_selected(),
+                self._record_op)
             self._op_mode.__enter__()
         self._started = True
         _active.append(self)
