@@ -125,3 +125,17 @@ def test_zero_code_run_with_op_level(tmp_path):
     assert result.returncode == 0, result.stderr
     names = {e.module for e in llmdiff.open_dump(tmp_path / "run").entries}
     assert "model.layers.0.self_attn/softmax" in names and all("/" in n for n in names)
+
+
+def test_op_level_step_filter_records_the_same_ops_as_an_all_steps_capture(tmp_path):
+    """Ops of a step not selected are neither recorded nor counted: step 1 captured alone holds the same ops,
+    with the same call indices and statistics, as step 1 of a capture of every step."""
+    model = eager_llama()
+    with llmdiff.capture(model, tmp_path / "all", steps="all", level="op", mode="stats"):
+        generate(model, PROMPT, 3)
+    with llmdiff.capture(model, tmp_path / "one", steps="1", level="op", mode="stats"):
+        generate(model, PROMPT, 3)
+    every = [e for e in llmdiff.open_dump(tmp_path / "all").entries if e.step == 1]
+    one = llmdiff.open_dump(tmp_path / "one").entries
+    assert one and {e.step for e in one} == {1} and all(e.type == "op" for e in one)
+    assert [(e.key, e.stats) for e in one] == [(e.key, e.stats) for e in every]

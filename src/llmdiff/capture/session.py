@@ -494,7 +494,7 @@ class Capture:
         cfg = self.config
         full = f"{self._frames[-1][1] if self._frames else ''}/{name}"
         call = self._calls[full] = self._calls.get(full, -1) + 1
-        if not self._step_selected() or (self._scoped and not self._in_scope):
+        if self._scoped and not self._in_scope:  # the step was tested by the op mode's active()
             return
         if cfg.modules and not cfg.selects_call(full, call):
             return
