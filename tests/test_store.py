@@ -115,17 +115,25 @@ def test_compare_leaves_the_cycle_collector_as_it_found_it(dump_dir, frozen):
     collector as it was: enabled, nothing frozen, or what the program itself froze still frozen."""
     import gc
 
+    from llmdiff.gcpause import FULL_COLLECTIONS_HELD_OFF, collector_paused
+
     keep = [object() for _ in range(10)]
     if frozen:
         gc.freeze()
-    before = gc.get_freeze_count()
+    before, thresholds = gc.get_freeze_count(), gc.get_threshold()
     try:
         report = llmdiff.compare(dump_dir, dump_dir)
         assert report.verdict == "match"
+        json.loads(report.to_json())  # the report writers pause it too
         with pytest.raises(UsageError):
             llmdiff.compare(dump_dir)
         # nothing of the compare's stays frozen; what the program froze stays so (less what died since)
         assert gc.isenabled() and (gc.get_freeze_count() > 0) is frozen and gc.get_freeze_count() <= before
+        assert gc.get_threshold() == thresholds
+        with collector_paused():  # inside: full collections held off, unless the program froze objects itself
+            held = gc.get_threshold()
+        assert held == (thresholds if frozen else (*thresholds[:2], FULL_COLLECTIONS_HELD_OFF))
+        assert gc.get_threshold() == thresholds
     finally:
         gc.unfreeze()
     del keep

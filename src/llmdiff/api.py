@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llmdiff.compare.align import Mapping
 from llmdiff.compare.engine import Options, Progress, compare_dumps, compare_ranks, options_from
 from llmdiff.errors import UsageError
+from llmdiff.gcpause import collector_paused
 from llmdiff.report.model import Report
 from llmdiff.store.reader import Dump, open_dump
-
-
-@contextmanager
-def _collector_paused() -> Iterator[Callable[[], None]]:
-    """What exists when a comparison starts is left out of Python's cycle collections until it ends.
-
-    A compare allocates hundreds of thousands of objects (entries, results) that live until it ends, and
-    each full collection walks every object of the process: on a decode dump pair (31k entries) they were
-    a third of the measuring time. Collections still run (short-lived cycles can hold tensors: with the
-    collector off, the prefill compare's peak memory rose from 0.5-0.6 GB to 0.9 GB in some runs).
-    Yields what to call once the dumps are read, to leave them out too.
-    """
-    if gc.get_freeze_count():  # the program froze objects itself: unfreezing would undo that
-        yield lambda: None
-        return
-    gc.freeze()
-    try:
-        yield gc.freeze
-    finally:
-        gc.unfreeze()
 
 
 def compare(golden: str | Path | Dump, target: str | Path | Dump | None = None, *, rtol: float | None = None,
@@ -68,7 +47,7 @@ def compare(golden: str | Path | Dump, target: str | Path | Dump | None = None, 
     options = options_from(rtol=rtol, atol=atol, steps=steps, modules=modules, thresholds=thresholds,
                            mapping=mapping, metrics=metrics, algorithms=algorithms, allow_missing=allow_missing,
                            preset=preset, level=level, workers=workers, progress=progress, engines=engines)
-    with _collector_paused() as read:
+    with collector_paused() as read:
         return _compare(golden, target, options, across_ranks, ray, read)
 
 
@@ -102,7 +81,7 @@ def compare_weights(golden: str | Path | Dump, target: str | Path | Dump, *, rto
 
     options = options_from(rtol=rtol, atol=atol, thresholds=thresholds, mapping=mapping, modules=modules,
                            allow_missing=allow_missing)
-    with _collector_paused() as read:
+    with collector_paused() as read:
         golden_set = golden if isinstance(golden, Dump) else open_weights(golden)
         target_set = target if isinstance(target, Dump) else open_weights(target)
         read()

@@ -11,6 +11,7 @@ import orjson
 
 from llmdiff.compare.results import Comparison, Culprit, EntryResult, Tokens
 from llmdiff.errors import UsageError
+from llmdiff.gcpause import collector_paused
 
 FORMATS = {".md": "markdown", ".csv": "csv", ".json": "json", ".html": "html", ".htm": "html"}
 
@@ -54,23 +55,29 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return self.comparison.to_json()
 
+    # Each writer builds an object per entry while the comparison (tens of thousands of entries) is alive:
+    # the collector is kept off what exists (see llmdiff.gcpause).
     def to_json(self, path: str | Path | None = None) -> str:
-        return _write(_json_text(self.to_dict()), path)
+        with collector_paused():
+            return _write(_json_text(self.to_dict()), path)
 
     def to_markdown(self, path: str | Path | None = None, verbose: bool = False) -> str:
         from llmdiff.report.markdown import render_markdown
 
-        return _write(render_markdown(self.comparison, verbose=verbose), path)
+        with collector_paused():
+            return _write(render_markdown(self.comparison, verbose=verbose), path)
 
     def to_csv(self, path: str | Path | None = None) -> str:
         from llmdiff.report.csv import render_csv
 
-        return _write(render_csv(self.comparison), path)
+        with collector_paused():
+            return _write(render_csv(self.comparison), path)
 
     def to_html(self, path: str | Path | None = None) -> str:
         from llmdiff.report.html import render_html
 
-        return _write(render_html(self.comparison), path)
+        with collector_paused():
+            return _write(render_html(self.comparison), path)
 
     def save(self, path: str | Path, verbose: bool = False) -> None:
         """Write the report in the format its extension names (.md, .csv, .json, .html; none or .txt: Markdown)."""
