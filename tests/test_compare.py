@@ -318,3 +318,28 @@ def test_json_report_holds_what_dataclass_conversion_gives(dumps, tmp_path):
     assert written == json.loads(json.dumps(expected))
     assert written[0]["metrics"]["cosine"] == "nan" and written[2]["rank_errors"] == {"0": 1e-7, "1": "nan"}
     assert sum(line.startswith('  {"index":') for line in text.splitlines()) == len(entries)  # one line each
+
+
+@pytest.mark.parametrize("rich_rows", [500, 3])
+def test_verbose_lists_every_entry_not_passing(dumps, monkeypatch, rich_rows):
+    """``-v`` lists every entry that does not pass with its reason: as a table up to RICH_ROWS rows, beyond
+    that as plain aligned columns (a rich table of 29k rows took 22 s to lay out)."""
+    from rich.console import Console
+
+    from llmdiff.report import terminal
+
+    monkeypatch.setattr(terminal, "RICH_ROWS", rich_rows)
+    report = llmdiff.compare(dumps["golden"], dumps["fp32_mlp"], rtol=1e-9, atol=0.0)
+    failing = [e for e in report.entries if e.status != "pass"]
+    assert len(failing) > 3
+    out = io.StringIO()
+    terminal.print_comparison(report.comparison, Console(file=out, width=400, highlight=False), verbose=True)
+    text = out.getvalue()
+    for e in failing:
+        assert any(e.name in line and e.reason in line for line in text.splitlines()), e.name
+    if rich_rows == 3:  # plain columns: the header and every row start their columns at the same offsets
+        lines = text[text.index("entries not passing"):].splitlines()[1:len(failing) + 2]
+        assert "┃" not in text.split("entries not passing")[1] and lines[0].split() == [
+            "step", "entry", "status", "rel_l2", "cosine", "max_abs", "reason"]
+        status_at = lines[0].index("status")
+        assert all(line[status_at:].startswith(("fail", "shape_mismatch", "missing")) for line in lines[1:])

@@ -40,16 +40,33 @@ def print_comparison(c: Comparison, console: Console, verbose: bool = False, top
         console.print(table)
     _print_counts(c, console, "entries")
     if verbose:
-        table = Table(title="entries not passing", title_justify="left")
-        for col in ("step", "entry", "status", "rel_l2", "cosine", "max_abs", "reason"):
-            table.add_column(col, overflow="fold")
-        for e in c.entries:
-            if e.status != PASS:
-                name = e.name + (f" (target: {e.target_source})" if e.target_source else "")
-                table.add_row(str(e.step), name, e.status, num(e.metrics.get("rel_l2")),
-                              num(e.metrics.get("cosine")), num(e.metrics.get("max_abs")), e.reason)
-        console.print(table)
+        _print_not_passing(c, console)
     _print_notes(c, console)
+
+
+#: Beyond this many rows ``-v`` prints plain aligned columns: laying out a rich table costs ~0.75 ms a row
+#: (22 s for the 29k failing entries of a decode compare held to a tight --rtol), plain lines ~2 µs.
+RICH_ROWS = 500
+_NOT_PASSING = ("step", "entry", "status", "rel_l2", "cosine", "max_abs", "reason")
+
+
+def _print_not_passing(c: Comparison, console: Console) -> None:
+    rows = [(str(e.step), e.name + (f" (target: {e.target_source})" if e.target_source else ""), e.status,
+             num(e.metrics.get("rel_l2")), num(e.metrics.get("cosine")), num(e.metrics.get("max_abs")), e.reason)
+            for e in c.entries if e.status != PASS]
+    if len(rows) <= RICH_ROWS:
+        table = Table(title="entries not passing", title_justify="left")
+        for col in _NOT_PASSING:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    widths = [max(len(col), *(len(row[i]) for row in rows)) for i, col in enumerate(_NOT_PASSING[:-1])]
+    console.print(f"entries not passing ({len(rows)})")
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+             for row in [_NOT_PASSING, *rows]]
+    console.file.write("\n".join(lines) + "\n")
 
 
 def print_weights(c: Comparison, console: Console, top: int = 10) -> None:
