@@ -124,7 +124,8 @@ def test_compare_leaves_the_cycle_collector_as_it_found_it(dump_dir, frozen):
     try:
         report = llmdiff.compare(dump_dir, dump_dir)
         assert report.verdict == "match"
-        json.loads(report.to_json())  # the report writers pause it too
+        json.loads(report.to_json())  # the report writers pause it too, and so does opening a dump
+        assert llmdiff.open_dump(dump_dir).entries
         with pytest.raises(UsageError):
             llmdiff.compare(dump_dir)
         # nothing of the compare's stays frozen; what the program froze stays so (less what died since)

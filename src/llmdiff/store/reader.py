@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from llmdiff.errors import DumpError
+from llmdiff.gcpause import collector_paused
 from llmdiff.store.schema import (
     MANIFEST_FILE,
     PARTIAL_SUFFIX,
@@ -352,11 +353,12 @@ def open_dump(path: str | Path) -> Dump:
         raise DumpError(f"{folder}: no such dump folder")
     if not folder.is_dir():
         raise DumpError(f"{folder}: a dump is a folder, not a file")
-    if is_llmdiff_dump(folder):
-        return open_llmdiff_dump(folder)
-    from llmdiff.store.formats import open_foreign_dump
+    with collector_paused():  # tens of thousands of entries that all live on: half the time was full collections
+        if is_llmdiff_dump(folder):
+            return open_llmdiff_dump(folder)
+        from llmdiff.store.formats import open_foreign_dump
 
-    dump = open_foreign_dump(folder)
+        dump = open_foreign_dump(folder)
     if dump is None:
         raise DumpError(f"{folder}: not a dump llmdiff can read (neither llmdiff's run.json/manifest.jsonl nor an "
                         "msProbe, msIT, vLLM or SGLang dump layout)")
