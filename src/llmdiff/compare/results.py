@@ -76,26 +76,16 @@ class EntryResult:
 
     def to_json(self) -> dict[str, Any]:
         # Field by field, not dataclasses.asdict: asdict deep-copies every value, which made writing the
-        # JSON report of a 30k-entry decode compare take longer than the compare itself.
+        # JSON report of a 30k-entry decode compare take longer than the compare itself. Only the fields that
+        # are mutable or may hold NaN/Inf go through clean (which copies them).
         record = {name: getattr(self, name) for name in _ENTRY_FIELDS}
-        for name in ("golden_shape", "target_shape", "ranks"):
-            if record[name] is not None:
-                record[name] = list(record[name])
-        record["metrics"] = {k: _clean_number(v) for k, v in self.metrics.items()}
-        record["error"], record["budget"] = _clean_number(self.error), _clean_number(self.budget)
-        if self.rank_errors is not None:
-            record["rank_errors"] = {k: _clean_number(v) for k, v in self.rank_errors.items()}
+        for name in _CLEANED_FIELDS:
+            record[name] = clean(record[name])
         return record
 
 
 _ENTRY_FIELDS = tuple(f.name for f in fields(EntryResult) if f.name != "seq")
-
-
-def _clean_number(value: Any) -> Any:
-    """:func:`clean` for one value, without its recursion when the value is a plain number."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else clean(value)
-    return value if value is None or isinstance(value, (int, str)) else clean(value)
+_CLEANED_FIELDS = ("golden_shape", "target_shape", "metrics", "error", "budget", "rank_errors", "ranks")
 
 
 @dataclass

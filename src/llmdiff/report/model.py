@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,29 +56,23 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return self.comparison.to_json()
 
-    # Each writer builds an object per entry while the comparison (tens of thousands of entries) is alive:
-    # the collector is kept off what exists (see llmdiff.gcpause).
     def to_json(self, path: str | Path | None = None) -> str:
-        with collector_paused():
-            return _write(_json_text(self.to_dict()), path)
+        return _rendered(lambda: _json_text(self.to_dict()), path)
 
     def to_markdown(self, path: str | Path | None = None, verbose: bool = False) -> str:
         from llmdiff.report.markdown import render_markdown
 
-        with collector_paused():
-            return _write(render_markdown(self.comparison, verbose=verbose), path)
+        return _rendered(lambda: render_markdown(self.comparison, verbose=verbose), path)
 
     def to_csv(self, path: str | Path | None = None) -> str:
         from llmdiff.report.csv import render_csv
 
-        with collector_paused():
-            return _write(render_csv(self.comparison), path)
+        return _rendered(lambda: render_csv(self.comparison), path)
 
     def to_html(self, path: str | Path | None = None) -> str:
         from llmdiff.report.html import render_html
 
-        with collector_paused():
-            return _write(render_html(self.comparison), path)
+        return _rendered(lambda: render_html(self.comparison), path)
 
     def save(self, path: str | Path, verbose: bool = False) -> None:
         """Write the report in the format its extension names (.md, .csv, .json, .html; none or .txt: Markdown)."""
@@ -91,16 +86,20 @@ class Report:
             getattr(self, f"to_{fmt}")(path)
 
 
+def _rendered(render: Callable[[], str], path: str | Path | None) -> str:
+    # A writer builds an object per entry while the comparison (tens of thousands of entries) is alive: the
+    # collector is kept off what exists (see llmdiff.gcpause).
+    with collector_paused():
+        return _write(render(), path)
+
+
 def _json_text(report: dict[str, Any]) -> str:
     """The report indented, except its entries: one compact line each, written by orjson. Indenting them
     sent tens of thousands of records through json's pure-Python encoder (seconds on a decode compare)."""
-    entries = report.pop("entries")
-    head = json.dumps(report, indent=1)
-    report["entries"] = entries
-    if not entries:
-        return head[:-2] + ',\n "entries": []\n}'
-    lines = ",\n  ".join(map(_json_line, entries))
-    return f'{head[:-2]},\n "entries": [\n  {lines}\n ]\n}}'
+    head = json.dumps({k: v for k, v in report.items() if k != "entries"}, indent=1)
+    entries = report["entries"]
+    listed = "[\n  " + ",\n  ".join(map(_json_line, entries)) + "\n ]" if entries else "[]"
+    return f'{head[:-2]},\n "entries": {listed}\n}}'
 
 
 def _json_line(record: dict[str, Any]) -> str:
