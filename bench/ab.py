@@ -62,10 +62,10 @@ def workload(name: str, tokens: int, model_path: str) -> tuple[Callable[[], obje
     """(a function running the workload once, the model it runs, torch threads to use)."""
     import torch
 
-    if name == "prefill":
-        sys.path.insert(0, str(Path(__file__).parent))
-        from peer_worker import prefill_model, timed_passes
+    sys.path.insert(0, str(Path(__file__).parent))
+    from peer_worker import prefill_model, timed_generate, timed_passes
 
+    if name == "prefill":
         model, ids = prefill_model()
         return (lambda: timed_passes(model, ids)), model, 1
     if name == "tiny":
@@ -80,13 +80,7 @@ def workload(name: str, tokens: int, model_path: str) -> tuple[Callable[[], obje
                                             add_generation_prompt=True, return_tensors="pt")
         ids = enc if isinstance(enc, torch.Tensor) else enc["input_ids"]
         model, threads = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval(), 2
-
-    def generate() -> None:
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                           min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-
-    return generate, model, threads
+    return (lambda: timed_generate(model, ids, tokens)), model, threads
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
