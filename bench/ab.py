@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from floors import CAPTURE_MODES  # noqa: E402
 
 #: The capture arguments of each mode (every module, every step).
-MODES: dict[str, dict[str, str]] = {"stats": {"mode": "stats"}, "tensor": {"mode": "tensor"},
-                                    "op-stats": {"mode": "stats", "level": "op"}}
+MODES = {name: arguments for name, arguments in CAPTURE_MODES.items() if name != "none"}
 
 
 def export_src(rev: str, into: Path) -> Path:
@@ -61,8 +62,6 @@ def export_src(rev: str, into: Path) -> Path:
 def workload(name: str, tokens: int, model_path: str) -> tuple[Callable[[], object], Any, int]:
     """(a function running the workload once, the model it runs, torch threads to use)."""
     import torch
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from peer_worker import prefill_model, timed_generate, timed_passes
 
     if name == "prefill":

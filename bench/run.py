@@ -32,6 +32,9 @@ import llmdiff
 from llmdiff.store.reader import open_dump
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from floors import CAPTURE_MODES, FLOOR_OF, FLOORS, floor  # noqa: E402
+from peer_worker import timed_generate  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -42,30 +45,20 @@ def _nbytes(entry) -> int:
     return entry.numel * torch.empty(0, dtype=getattr(torch, entry.dtype)).element_size()
 
 
-def timed_generate(model, ids, tokens: int) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                       do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start
-
-
-#: What each measured capture records: every module (and with op-*, every torch op inside them).
-CAPTURE_MODES: dict[str, dict[str, str]] = {
-    "none": {}, "stats": {"mode": "stats"}, "tensor": {"mode": "tensor"},
-    "op-stats": {"mode": "stats", "level": "op"}, "mix-tensor": {"mode": "tensor", "level": "mix"},
-}
-
-
 def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str, object]:
-    """Median and fastest seconds per generate call for each mode, repetitions interleaved."""
+    """Median and fastest seconds per generate call for each mode and each floor (bench/floors.py),
+    repetitions interleaved."""
     timed_generate(model, ids, 2)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in CAPTURE_MODES}
+    times: dict[str, list[float]] = {name: [] for name in [*CAPTURE_MODES, *FLOORS]}
     sizes: dict[str, int] = {}
     for rep in range(reps):
         for mode in times:
             if mode == "none":
                 times[mode].append(timed_generate(model, ids, tokens))
+                continue
+            if mode in FLOORS:
+                with floor(model, mode):
+                    times[mode].append(timed_generate(model, ids, tokens))
                 continue
             run_dir = work / f"{mode}-{rep}"
             session = llmdiff.capture(model, run_dir, steps="all", **CAPTURE_MODES[mode])
@@ -188,6 +181,10 @@ def report(results: dict) -> None:
                 print(f"  ratio of {label}: stats {t['stats'] / t['none']:.2f}x, "
                       f"tensor {t['tensor'] / t['none']:.2f}x, op-level stats {t['op-stats'] / t['none']:.2f}x, "
                       f"modules+ops tensor {t['mix-tensor'] / t['none']:.2f}x no capture")
+        floors = [f"{FLOORS[name]} {r['min_s'][name] / r['min_s']['none']:.2f}x" for name in FLOORS
+                  if name in r.get("min_s", {})]
+        if floors:
+            print(f"  floors (bench/floors.py, no llmdiff code), fastest: {', '.join(floors)}")
         print(f"  disk per step: stats {r['stats_disk'] / r['stats_steps'] / 1e3:.1f} KB, "
               f"tensor {r['tensor_disk'] / r['tensor_steps'] / 1e6:.2f} MB")
         print(f"  tensor mode: {r['tensor_entries']} entries of {r['tensor_bytes_captured'] / 1e6:.1f} MB; "
@@ -226,6 +223,12 @@ def goals(results: dict) -> None:
             verdict = "met" if median <= goal else "met by the fastest run only" if fastest <= goal else "not met"
             lines.append(f"  SmolLM2 decode, {mode:9s} {median:.2f}x (fastest {fastest:.2f}x)  goal <= {goal}x  "
                          f"{verdict}")
+            base = FLOOR_OF[mode]
+            if verdict != "met" and base in smol["min_s"] and f"{mode}_entries" in smol:
+                entries = smol[f"{mode}_entries"]
+                above = (smol["min_s"][mode] - smol["min_s"][base]) / entries * 1e6
+                lines.append(f"    its floor, {FLOORS[base]}: {smol['min_s'][base] / smol['min_s']['none']:.2f}x; "
+                             f"llmdiff's own work above it: {above:.1f} us an entry ({entries} entries a run)")
     for name, goal in COMPARE_GOALS.items():
         c = results.get(name)
         if c:

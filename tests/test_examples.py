@@ -103,6 +103,7 @@ def test_bench_script_runs(tmp_path):
     out = run([sys.executable, EXAMPLES.parent / "bench" / "run.py", "--quick", "--reps", "1", "--tokens", "2"],
               tmp_path)
     assert "ratio of medians: stats" in out and "ratio of fastest: stats" in out and "no capture" in out
+    assert "floors (bench/floors.py, no llmdiff code), fastest: hooks on every module doing nothing" in out
 
 
 def test_bench_prints_each_number_beside_its_goal(capsys):
@@ -112,14 +113,43 @@ def test_bench_prints_each_number_beside_its_goal(capsys):
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    seconds = {"none": 2.0, "stats": 2.2, "tensor": 3.4, "op-stats": 4.2}
-    bench.goals({"smollm2": {"median_s": seconds, "min_s": {**seconds, "op-stats": 3.9}},
+    seconds = {"none": 2.0, "stats": 2.2, "tensor": 3.4, "op-stats": 4.2, "copies": 2.1, "op-mode": 2.3}
+    bench.goals({"smollm2": {"median_s": seconds, "min_s": {**seconds, "op-stats": 3.9}, "tensor_entries": 26000},
                  "compare_decode": {"bytes": 184e6, "cli_seconds": 6.0, "import_seconds": 2.5}})
     out = capsys.readouterr().out
-    assert "stats     1.10x (fastest 1.10x)  goal <= 1.15x  met" in out
+    assert "stats     1.10x (fastest 1.10x)  goal <= 1.15x  met\n" in out
     assert "tensor    1.70x (fastest 1.70x)  goal <= 1.6x  not met" in out
+    # a goal not met is shown beside its floor, and what llmdiff costs above it per entry: 1.3 s / 26,000
+    assert ("its floor, hooks copying each distinct tensor they see: 1.05x; llmdiff's own work above it: 50.0 us an "
+            "entry (26000 entries a run)") in out
     assert "op-stats  2.10x (fastest 1.95x)  goal <= 2.0x  met by the fastest run only" in out
     assert "0.031 GB/s  goal >= 0.5 GB/s  not met (starting Python and torch alone caps it at 0.07 GB/s)" in out
+
+
+def test_bench_floors_run_the_model_unchanged_and_clean_up():
+    """bench/floors.py's floors (the hooks a capture cannot do without, no llmdiff code) leave the outputs
+    and the model's hooks as they were; an unknown floor is refused."""
+    import importlib.util
+
+    import torch
+
+    from llmdiff.testing import tiny_llama
+
+    spec = importlib.util.spec_from_file_location("bench_floors", EXAMPLES.parent / "bench" / "floors.py")
+    assert spec is not None and spec.loader is not None
+    floors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floors)
+    model, ids = tiny_llama(layers=2), torch.tensor([[3, 17, 42, 99]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        for name in floors.FLOORS:
+            with floors.floor(model, name):
+                assert all(m._forward_hooks for m in model.modules())
+                assert torch.equal(model(ids).logits, expected)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert set(floors.FLOOR_OF.values()) <= set(floors.FLOORS)
+    with pytest.raises(ValueError, match="unknown floor"), floors.floor(model, "nope"):
+        pass
 
 
 @pytest.mark.parametrize("model", MODELS)
