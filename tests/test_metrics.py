@@ -161,7 +161,7 @@ def test_logits_metrics_in_one_pass_equal_the_per_position_functions(monkeypatch
     torch.manual_seed(1)
     g = torch.randn(1, 150, 300)
     t = (g + 0.05 * torch.randn_like(g)).to(torch.bfloat16)
-    monkeypatch.setattr(M, "LOGIT_ROWS", 64)  # three blocks, the last one short
+    monkeypatch.setattr(M, "LOGIT_BLOCK", 64 * 300)  # blocks of 64 positions: three, the last one short
     summary = M.logits_metrics(g, t)
     kl = M.kl_per_position(g, t)
     diff = M.logprob_diff_per_position(g, t, M.top1_per_position(t))

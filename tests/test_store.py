@@ -109,6 +109,46 @@ def test_a_small_shard_read_whole_gives_what_safetensors_reads(tmp_path):
         shard.get_tensor("__metadata__")
 
 
+
+def test_a_large_shard_maps_large_tensors_and_reads_the_rest(tmp_path, monkeypatch):
+    """Tensors of MAP_BYTES and more are mapped (copy-on-write: writing to one leaves the file as it was),
+    smaller or misaligned ones read, all as the file holds them. A shard cut short after it was opened is
+    a clear error, never a SIGBUS."""
+    from llmdiff.store import reader
+
+    monkeypatch.setattr(reader, "MAP_BYTES", 64)
+    # laid out by hand, in this order: "odd" (3 bytes) puts the float32s of "next" at an offset no multiple of 4
+    tensors = {"big": torch.randn(64, 33), "half": torch.randn(50).to(torch.bfloat16),
+               "odd": torch.tensor([1, 2, 3], dtype=torch.uint8), "next": torch.randn(40), "small": torch.randn(3),
+               "empty": torch.zeros(0, 4)}
+    names = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16"}
+    header, blobs, offset = {}, [], 0
+    for key, tensor in tensors.items():
+        blob = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    before = path.read_bytes()
+    shard = reader._LargeShard(path)
+    mapped: list[int] = []
+    real_mmap = reader.mmap.mmap
+    monkeypatch.setattr(reader.mmap, "mmap", lambda *a, **k: mapped.append(a[1]) or real_mmap(*a, **k))
+    for key, tensor in tensors.items():
+        got = shard.get_tensor(key)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), key
+        got.add_(1) if got.is_floating_point() else got.fill_(7)  # the caller's tensor: writable
+    assert len(mapped) == 2 and path.read_bytes() == before  # big and half mapped; the rest read
+    with open(path, "r+b") as f:
+        f.truncate(len(before) - 200)  # into "half", whose last bytes are now gone
+    with pytest.raises(ValueError, match="shorter than its header says"):
+        shard.get_tensor("half")
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 def test_compare_leaves_the_cycle_collector_as_it_found_it(dump_dir, frozen):
     """A compare keeps what it read out of Python's collections while it runs (gc.freeze), and leaves the

@@ -8,6 +8,7 @@ missing or half-written are left out of ``entries`` and listed in ``problems`` i
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import threading
@@ -36,7 +37,7 @@ from llmdiff.store.schema import (
 #: Shards kept open or in memory at once, and the bytes of those read whole (least recently used go first).
 OPEN_SHARDS = 64
 CACHED_BYTES = 256 << 20
-MAPPED_SHARDS = 4  # large shards stay memory-mapped; their touched pages count as resident
+MAPPED_SHARDS = 4  # large shards kept open (their file handles)
 #: Shards up to this size are read whole into memory (decode steps write many small ones).
 SMALL_SHARD = 16 << 20
 _SHARD_NAME = re.compile(r"shard-\d{6}\.safetensors")
@@ -233,12 +234,19 @@ class _WholeShard(_Shard):
         return torch.frombuffer(self._bytes, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
 
 
-class _LargeShard(_Shard):
-    """A large shard read one tensor at a time with positioned reads into fresh memory.
+#: Tensors of at least this many bytes are mapped from their shard rather than read: the kernel maps the page
+#: cache's own pages where a read first zero-fills fresh pages, then copies into them (a 270 MB prefill shard
+#: of 1-3 MB tensors, touched whole: 0.05 s mapped, 0.15 s read).
+MAP_BYTES = 1 << 20
 
-    safetensors' ``safe_open`` memory-maps the file, and every page a compare touches then counts as the
-    process's memory until the shard is closed: comparing two 256 MB shards held 1.7 GB. Reads keep the
-    memory to the tensors in use.
+
+class _LargeShard(_Shard):
+    """A large shard read one tensor at a time: a large tensor is a private (copy-on-write) mapping of its
+    own bytes, a small one a positioned read into fresh memory.
+
+    safetensors' ``safe_open`` maps the whole file, and every page a compare touches then counts as the
+    process's memory until the shard is closed: comparing two 256 MB shards held 1.7 GB. A mapping per
+    tensor, undone when the tensor is freed, keeps the memory to the tensors in use.
     """
 
     def __init__(self, file: Path) -> None:
@@ -248,8 +256,18 @@ class _LargeShard(_Shard):
         self._read_header(head + self._file.read(int.from_bytes(head, "little")))
 
     def _data(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        fd = self._file.fileno()
+        if end - start >= MAP_BYTES and start % dtype.itemsize == 0 and hasattr(mmap, "MAP_PRIVATE"):
+            # A mapped page past the end of the file would be a SIGBUS on access, not an error: check first.
+            if os.fstat(fd).st_size < end:
+                raise ValueError("the shard is shorter than its header says")
+            base = start - start % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(fd, end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                               offset=base)
+            # the tensor holds the mapping, which is undone once the tensor (and any view of it) is freed
+            return torch.frombuffer(mapped, dtype=dtype, offset=start - base, count=(end - start) // dtype.itemsize)
         data = bytearray(end - start)
-        if os.preadv(self._file.fileno(), [data], start) != end - start:
+        if os.preadv(fd, [data], start) != end - start:
             raise ValueError("the shard is shorter than its header says")
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype)
 
