@@ -112,8 +112,8 @@ def test_a_small_shard_read_whole_gives_what_safetensors_reads(tmp_path):
 
 def test_a_large_shard_maps_large_tensors_and_reads_the_rest(tmp_path, monkeypatch):
     """Tensors of MAP_BYTES and more are mapped (copy-on-write: writing to one leaves the file as it was),
-    smaller or misaligned ones read, all as the file holds them. A shard cut short after it was opened is
-    a clear error, never a SIGBUS."""
+    smaller or misaligned ones read (and any, where the file system cannot map files), all as the file holds
+    them. A shard cut short after it was opened is a clear error, never a SIGBUS."""
     from llmdiff.store import reader
 
     monkeypatch.setattr(reader, "MAP_BYTES", 64)
@@ -143,6 +143,11 @@ def test_a_large_shard_maps_large_tensors_and_reads_the_rest(tmp_path, monkeypat
         assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), key
         got.add_(1) if got.is_floating_point() else got.fill_(7)  # the caller's tensor: writable
     assert len(mapped) == 2 and path.read_bytes() == before  # big and half mapped; the rest read
+    def refused(*args, **kwargs):
+        raise OSError(19, "No such device")  # what a file system that cannot map files answers
+
+    monkeypatch.setattr(reader.mmap, "mmap", refused)
+    assert torch.equal(shard.get_tensor("big"), tensors["big"])  # read instead
     with open(path, "r+b") as f:
         f.truncate(len(before) - 200)  # into "half", whose last bytes are now gone
     with pytest.raises(ValueError, match="shorter than its header says"):

@@ -262,10 +262,15 @@ class _LargeShard(_Shard):
             if os.fstat(fd).st_size < end:
                 raise ValueError("the shard is shorter than its header says")
             base = start - start % mmap.ALLOCATIONGRANULARITY
-            mapped = mmap.mmap(fd, end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                               offset=base)
-            # the tensor holds the mapping, which is undone once the tensor (and any view of it) is freed
-            return torch.frombuffer(mapped, dtype=dtype, offset=start - base, count=(end - start) // dtype.itemsize)
+            try:
+                mapped = mmap.mmap(fd, end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=base)
+            except OSError:  # a file system that cannot map files: read it
+                pass
+            else:
+                # the tensor holds the mapping, which is undone once the tensor (and any view of it) is freed
+                return torch.frombuffer(mapped, dtype=dtype, offset=start - base,
+                                        count=(end - start) // dtype.itemsize)
         data = bytearray(end - start)
         if os.preadv(fd, [data], start) != end - start:
             raise ValueError("the shard is shorter than its header says")
