@@ -296,6 +296,29 @@ def test_statistics_match_a_float64_reference():
     assert batched[-1]["std"] == 0.0
 
 
+def test_hashes_are_read_back_once_per_step(tmp_path, monkeypatch):
+    """hash=True brings each step's tensors to the host in one transfer (the same code runs on CPU, and
+    counts), and every hash is the one of the tensor alone, whatever its dtype, shape or layout."""
+    from llmdiff.capture import stats
+    from llmdiff.testing import tiny_llama
+
+    odd = [torch.randn(3, 4), torch.zeros(0, 2), torch.tensor(True), torch.randn(5).to(torch.bfloat16),
+           torch.arange(7)[::2], torch.randn(2, dtype=torch.complex64), torch.randn(2, 3).t()]
+    one_by_one = [stats.content_hashes([t])[0] for t in odd]
+    assert stats.content_hashes(odd) == one_by_one and len(set(one_by_one)) == len(odd)
+    assert stats.content_hash(odd[0]) == one_by_one[0]
+    model, ids = tiny_llama(layers=2), torch.tensor([[3, 17, 42, 99, 5]])
+    reads = []
+    real = stats.host_bytes
+    monkeypatch.setattr(stats, "host_bytes", lambda flat: reads.append(flat.numel()) or real(flat))
+    with llmdiff.capture(model, tmp_path / "d", steps="all", mode="stats", hash=True) as run, torch.no_grad():
+        for _ in range(3):
+            model(ids)
+    entries = llmdiff.open_dump(tmp_path / "d").entries
+    assert run.internal_errors == 0 and len(entries) > 50 and len(reads) == 3
+    assert all(len(e.stats["hash"]) == 32 for e in entries)
+
+
 def test_statistics_are_read_back_once_per_step(tmp_path, monkeypatch):
     # On an accelerator every read-back is a device synchronisation: statistics of a step's tensors stay
     # on the device and come back in one transfer (this runs the same code on CPU, and counts).

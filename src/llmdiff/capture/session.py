@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
 from llmdiff.capture.staging import Arena
-from llmdiff.capture.stats import GROUP_MAX, SEGMENT_MAX, batch_stats, content_hash, reduce_now
+from llmdiff.capture.stats import GROUP_MAX, SEGMENT_MAX, batch_stats, content_hashes, reduce_now
 from llmdiff.config import (
     CaptureConfig,
     config_from_mapping,
@@ -688,8 +688,8 @@ class Capture:
             pending = [_noted_unknown(entry) if entry[12] in gone and stats_unknown(stats[entry[12]]) else entry
                        for entry in pending]
         if self.config.hash:
-            for row, copy in zip(stats, copies, strict=True):
-                row["hash"] = content_hash(copy)
+            for row, digest in zip(stats, content_hashes(copies), strict=True):
+                row["hash"] = digest
         self._staging.reset()
         self._ensure_writer().add(self.rank or 0, pending, copies, stats)
 

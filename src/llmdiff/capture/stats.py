@@ -26,6 +26,7 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmdiff.store.schema import UNKNOWN_STATS
@@ -277,9 +278,31 @@ def batch_stats(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[tor
 
 def content_hash(t: torch.Tensor) -> str:
     """A hash of the tensor's dtype, shape and bytes, for bit-exactness checks across runs."""
-    cpu = t.detach().to("cpu").contiguous()
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{cpu.dtype}|{tuple(cpu.shape)}|".encode())
-    if cpu.numel():
-        digest.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return content_hashes([t])[0]
+
+
+def content_hashes(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """:func:`content_hash` of each tensor, with one read-back per device: a device's tensors are laid end to
+    end as bytes there, that one buffer comes to the host (:func:`host_bytes`), and each tensor's part of it
+    is hashed. (One transfer a tensor was one device synchronisation a tensor.)"""
+    out = [""] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        parts = [tensors[i].detach().contiguous().reshape(-1).view(torch.uint8) for i in indices]
+        data = host_bytes(torch.cat(parts)) if len(parts) > 1 else host_bytes(parts[0])
+        offset = 0
+        for i, part in zip(indices, parts, strict=True):
+            t, n = tensors[i], part.numel()
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(data[offset:offset + n].data)
+            out[i] = digest.hexdigest()
+            offset += n
+    return out
+
+
+def host_bytes(flat: torch.Tensor) -> np.ndarray:
+    """A flat uint8 tensor's bytes on the host: the one device-to-host transfer of :func:`content_hashes`."""
+    return flat.cpu().numpy()
