@@ -296,6 +296,95 @@ def test_statistics_match_a_float64_reference():
     assert batched[-1]["std"] == 0.0
 
 
+def test_statistics_of_stacked_rows_are_those_of_the_tensors():
+    """Small copies kept as the rows of a matrix per dtype and shape (no tensor object each) give the statistics
+    of the tensors themselves, NaN/Inf rows included, and the matrices are left as they were."""
+    from llmdiff.capture.stats import BLOCK, batch_stats
+
+    torch.manual_seed(1)
+    halves = torch.randn(5, 3, 4).to(torch.bfloat16)
+    halves[2, 1, 1] = float("inf")
+    floats = torch.randn(7, 6) * 1e-3 + 4.0
+    floats[3, 2] = float("nan")
+    ints = torch.tensor([[34519, 1, 9690], [2, 2, 2]])
+    many = torch.randn(BLOCK // 64 + 3, 64)  # more rows than one block
+    loose = [torch.randn(6), torch.tensor([1.0, float("-inf")])]
+    stacked_rows = [halves, floats, ints, many]
+    # indices interleave the loose tensors and the rows of every matrix
+    indices = [list(range(start, start + len(m))) for start, m in zip([2, 7, 14, 16], stacked_rows, strict=True)]
+    tensors: list = [None] * (16 + len(many))
+    tensors[0], tensors[1] = loose
+    one_by_one: list = [None] * len(tensors)
+    for matrix, where in zip(stacked_rows, indices, strict=True):
+        for row, i in enumerate(where):
+            one_by_one[i] = matrix[row].clone()
+    one_by_one[0], one_by_one[1] = loose
+    before = [m.clone() for m in stacked_rows]
+    got = batch_stats(tensors, stacked=list(zip(stacked_rows, indices, strict=True)))
+    assert got == batch_stats(one_by_one)
+    assert got[2 + 2]["inf"] == 1 and got[7 + 3]["nan"] == 1 and got[14]["max"] == 34519.0
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(before, stacked_rows, strict=True))
+
+
+def test_a_capture_keeps_no_object_per_entry_for_the_collector(tmp_path):
+    """What a step records is held as plain values until it is written: copies of small tensors are rows of
+    shared matrices, the table of tensors seen forgets each one when it is freed, and neither views of the
+    rows nor the manifest's records pile up while a step is written. (Objects Python's collector tracks, kept
+    for a step, were carried into its oldest generation: full collections walking the whole heap, a tenth of
+    an op-level capture's time.)"""
+    import gc
+
+    from llmdiff.capture import session as session_module
+    from llmdiff.store import writer as writer_module
+    from llmdiff.testing import tiny_llama
+
+    model, ids = tiny_llama(layers=4), torch.tensor([[3, 17, 42, 99, 5]])
+    survivors: dict[str, list[int]] = {"step": [], "writing": []}
+    real_begin, real_end_step = session_module.Capture._outermost_call, session_module.Capture._end_step
+    real_encode = writer_module.encode_lines
+
+    def made_since_last_collection() -> int:
+        """Tracked objects made since the last collection and alive (tuples aside: Python's collector lets go of
+        those that hold plain values before they grow old)."""
+        return sum(1 for o in gc.get_objects(generation=0) if type(o) is not tuple)
+
+    def begin(self, module, args, kwargs):
+        gc.collect()
+        return real_begin(self, module, args, kwargs)
+
+    def end_step(self, metadata=None):
+        survivors["step"].append(made_since_last_collection())
+        gc.collect()
+        return real_end_step(self, metadata)
+
+    def encode_lines(records):
+        survivors["writing"].append(made_since_last_collection())
+        return real_encode(records)
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # collections happen only where this test asks for them
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(session_module.Capture, "_outermost_call", begin)
+            mp.setattr(session_module.Capture, "_end_step", end_step)
+            mp.setattr(writer_module, "encode_lines", encode_lines)
+            with llmdiff.capture(model, tmp_path / "d", steps="all", mode="stats", level="op") as run, \
+                    torch.no_grad():
+                for _ in range(3):
+                    model(ids)
+    finally:
+        if was_enabled:
+            gc.enable()
+    entries_per_step = run.entries / 3
+    assert run.internal_errors == 0 and len(survivors["step"]) == 3 and entries_per_step >= 400
+    # after the first step (which sets up the writer and the matrices): the model's own objects (its output) and
+    # the capture's per-step state, not one an entry (before, two: a copy and a weak reference)
+    assert max(survivors["step"][1:]) < entries_per_step / 5, (entries_per_step, survivors)
+    # while writing: at most one encoding's records (before, every record and a view of every copy)
+    assert max(survivors["writing"]) < writer_module.RECORDS_PER_ENCODE + entries_per_step / 5, \
+        (entries_per_step, survivors)
+
+
 def test_hashes_are_read_back_once_per_step(tmp_path, monkeypatch):
     """hash=True brings each step's tensors to the host in one transfer (the same code runs on CPU, and
     counts), and every hash is the one of the tensor alone, whatever its dtype, shape or layout."""

@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
-from llmdiff.capture.staging import Arena
+from llmdiff.capture.staging import Arena, Rows
 from llmdiff.capture.stats import GROUP_MAX, SEGMENT_MAX, batch_stats, content_hashes, reduce_now
 from llmdiff.config import (
     CaptureConfig,
@@ -163,10 +163,9 @@ class Capture:
         self._writer: DumpWriter | None = None
         self._start_time = ""
         self._calls: dict[str, int] = {}
-        # id(tensor) -> (its version, seq) when recorded this step, and a weak reference telling it is still that
-        # tensor (ids are reused); apart, so that the first holds plain values only
-        self._seen: dict[int, tuple[int, int]] = {}
-        self._seen_refs: dict[int, weakref.ref[torch.Tensor]] = {}
+        # id(tensor) -> the tensor recorded this step, its version then and its entry (see _Seen)
+        self._seen: dict[int, _Seen] = {}
+        self._forget = _forgetter(self._seen)
         self._token_ids: list[Any] | None = None
         self._step_entries = 0
         self._depth = 0
@@ -178,12 +177,14 @@ class Capture:
         self._selected_key: tuple[Any, ...] | None = None  # what _step_selected's cached answer holds for
         self._selected_now = False
         self._pending: list[tuple[Any, ...]] = []  # recorded this step, not yet flushed: see _record
-        self._copies: list[torch.Tensor] = []  # the pending entries' copies, by the index their tuple holds
+        # the pending entries' copies, by the index their tuple holds (None: a row of _rows)
+        self._copies: list[torch.Tensor | None] = []
         # by index in _copies: the statistics row, element count and version of a large tensor reduced when its hook
         # fired; its item in _copies is the model's own tensor, looked at again only if the row shows NaN/Inf
         self._reduced: dict[int, tuple[torch.Tensor, int, int]] = {}
         self._pending_bytes = 0
         self._staging = Arena(FLUSH_BYTES)
+        self._rows = Rows()
         self._pinned_calls = any(p.call is not None for p in self.config.modules)
         self._scoped = self.config.scope is not None
         self._inputs = "input" in self.config.parts
@@ -282,6 +283,7 @@ class Capture:
         try:
             self._flush()  # entries of a step cut short stay readable as unfinished
             self._staging.release()
+            self._rows.release()
             if self._writer is not None:
                 self._writer.close()
         finally:
@@ -535,8 +537,7 @@ class Capture:
         self._in_scope = False
         self._frames = []
         self._calls = {}
-        self._seen = {}
-        self._seen_refs = {}
+        self._seen.clear()  # the same dict: the weak references' callbacks hold it
         self._token_ids = None
         self._step_entries = 0
 
@@ -622,11 +623,11 @@ class Capture:
             if not tensor.is_inference():
                 key, version = id(tensor), tensor._version
                 seen = self._seen.get(key)
-                if seen is not None and seen[0] == version and self._seen_refs[key]() is tensor:
-                    same_as = seen[1]
+                if seen is not None and seen.version == version and seen() is tensor:
+                    same_as = seen.seq
                 else:
-                    self._seen[key] = (version, seq)
-                    self._seen_refs[key] = weakref.ref(tensor)
+                    ref = self._seen[key] = _Seen(tensor, self._forget)
+                    ref.key, ref.version, ref.seq = key, version, seq
             if same_as < 0:
                 index, note, keep = self._copy(tensor)
         self._pending.append((seq, self.current_step, module, type_name, call, part, path, tuple(tensor.shape),
@@ -650,6 +651,12 @@ class Capture:
         # reduced, should NaN/Inf need counting); inference tensors have no version counter and are copied. A
         # smaller copy only reduced to statistics goes into reusable memory; one that is stored gets its own.
         copy = None
+        if not keep and 0 < numel <= SEGMENT_MAX and not tensor.dtype.is_complex:
+            index = len(self._copies)
+            self._rows.copy(tensor.detach() if tensor.requires_grad else tensor, index)
+            self._copies.append(None)
+            self._pending_bytes += numel * tensor.element_size()
+            return index, note, keep
         if not keep and numel > GROUP_MAX and self._reduce_at_hook and not tensor.is_inference():
             self._reduced[len(self._copies)] = (*reduce_now(tensor), tensor._version)
             copy = tensor
@@ -670,28 +677,44 @@ class Capture:
             return
         pending, copies, reduced = self._pending, self._copies, self._reduced
         self._pending, self._copies, self._reduced, self._pending_bytes = [], [], {}, 0
+        pending, stats = self._statistics(pending, copies, self._rows.stacked(), reduced)
+        self._staging.reset()
+        self._rows.reset()
+        self._ensure_writer().add(self.rank or 0, pending, copies, stats)
+
+    def _statistics(self, pending: list[tuple[Any, ...]], copies: list[torch.Tensor | None],
+                    stacked: list[tuple[torch.Tensor, list[int]]], reduced: dict[int, tuple[torch.Tensor, int, int]]
+                    ) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
+        """The statistics of the pending entries' copies (None: a row of a ``stacked`` matrix), and the entries
+        with a note where they are unknown."""
         rows = {i: (row, numel) for i, (row, numel, _) in reduced.items()}
-        gone = {i for i, (_, _, version) in reduced.items() if copies[i]._version != version}
-        if len({copy.device for copy in copies}) <= 1:
-            stats = batch_stats(copies, rows, gone)
+        gone = {i for i, (_, _, version) in reduced.items() if copies[i]._version != version}  # type: ignore[union-attr]
+        devices = {copy.device for copy in copies if copy is not None} | {matrix.device for matrix, _ in stacked}
+        if len(devices) <= 1:
+            stats = batch_stats(copies, rows, gone, stacked)
         else:
-            by_device: dict[torch.device, list[int]] = {}
-            for index, copy in enumerate(copies):
-                by_device.setdefault(copy.device, []).append(index)
             stats = [{}] * len(copies)
-            for indices in by_device.values():
-                local = {k: rows[i] for k, i in enumerate(indices) if i in rows}
-                for i, row in zip(indices, batch_stats([copies[i] for i in indices], local,
-                                                       {k for k, i in enumerate(indices) if i in gone}), strict=True):
+            for device in devices:
+                own = [(matrix, owners) for matrix, owners in stacked if matrix.device == device]
+                indices = sorted([i for i, copy in enumerate(copies) if copy is not None and copy.device == device]
+                                 + [i for _, owners in own for i in owners])
+                local = {i: k for k, i in enumerate(indices)}
+                for i, row in zip(indices, batch_stats(
+                        [copies[i] for i in indices], {local[i]: rows[i] for i in indices if i in rows},
+                        {local[i] for i in indices if i in gone},
+                        [(matrix, [local[i] for i in owners]) for matrix, owners in own]), strict=True):
                     stats[i] = row
         if gone and any(stats_unknown(stats[i]) for i in gone):
             pending = [_noted_unknown(entry) if entry[12] in gone and stats_unknown(stats[entry[12]]) else entry
                        for entry in pending]
         if self.config.hash:
-            for row, digest in zip(stats, content_hashes(copies), strict=True):
+            tensors = list(copies)
+            for matrix, owners in stacked:
+                for i, view in zip(owners, matrix.unbind(0), strict=True):
+                    tensors[i] = view
+            for row, digest in zip(stats, content_hashes(tensors), strict=True):  # type: ignore[arg-type]
                 row["hash"] = digest
-        self._staging.reset()
-        self._ensure_writer().add(self.rank or 0, pending, copies, stats)
+        return pending, stats
 
     # -- the process folder ------------------------------------------------------------------------------
     def _rank(self) -> int:
@@ -772,6 +795,26 @@ def _claim_process_folder(run_dir: Path) -> tuple[Path, int]:
             return folder, index
         except FileExistsError:
             index += 1
+
+
+class _Seen(weakref.ref):
+    """A tensor recorded this step: a weak reference to it (ids are reused), its version then and its entry's seq.
+
+    It removes itself from the step's table when the tensor is freed, so that it dies young: kept to the step's
+    end, thousands of these a step were carried by Python's collector into its oldest generation, whose full
+    collections walk the whole heap."""
+
+    __slots__ = ("key", "seq", "version")
+    key: int
+    version: int
+    seq: int
+
+
+def _forgetter(seen: dict[int, _Seen]) -> Callable[[_Seen], None]:
+    def forget(ref: _Seen) -> None:  # runs wherever the tensor is freed: must not raise
+        if seen.get(ref.key) is ref:
+            seen.pop(ref.key, None)
+    return forget
 
 
 class _Place(NamedTuple):

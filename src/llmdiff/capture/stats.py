@@ -126,11 +126,37 @@ def _reduce_group(tensors: list[torch.Tensor]) -> torch.Tensor:
         matrix = matrix.to(_work_dtype(matrix.dtype))
     else:
         matrix = _group_matrix(tensors, _work_dtype(tensors[0].dtype))
+    return _reduce_matrix(matrix, matrix)  # centred in place: the matrix is ours
+
+
+def _reduce_stacked(stacked: torch.Tensor) -> list[torch.Tensor]:
+    """[k, 4] tables of a matrix whose rows are copies (of one dtype and shape, not complex), in blocks of at most
+    ``BLOCK`` elements. The matrix is read, not written (a row whose table is not finite is looked at again)."""
+    k = stacked.shape[0]
+    n = stacked[0].numel()
+    matrix = stacked.reshape(k, n)
+    work = _work_dtype(matrix.dtype)
+    rows = max(1, BLOCK // max(n, 1))
+    tables = []
+    for start in range(0, k, rows):
+        block = matrix[start:start + rows]
+        size = block.numel()
+        scratch = _scratch_for(block.device, work, "work" if block.dtype != work else "stack", size)
+        out = scratch[:size].view(block.shape)
+        if block.dtype != work:
+            block = out.copy_(block)
+        tables.append(_reduce_matrix(block, out))
+    return tables
+
+
+def _reduce_matrix(matrix: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+    """The [k, 4] table of the rows of a [k, n] matrix of a work dtype; ``centred`` (the matrix itself, or
+    scratch of its shape) takes the rows minus their means."""
     # Not aminmax(dim=1): row-wise it is ~10x slower than amin and amax on CPU (measured on decode shapes).
     lo, hi = matrix.amin(dim=1), matrix.amax(dim=1)
     total = matrix.sum(dim=1)
-    matrix.sub_((total / matrix.shape[1]).unsqueeze(1))  # centred in place (the matrix is ours)
-    m2 = torch.linalg.vector_norm(matrix, dim=1).square_()
+    torch.sub(matrix, (total / matrix.shape[1]).unsqueeze(1), out=centred)
+    m2 = torch.linalg.vector_norm(centred, dim=1).square_()
     return torch.stack([lo, hi, total, m2], dim=1).to(torch.float64)
 
 
@@ -144,10 +170,11 @@ def reduce_now(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.stack(_reduce_large(flat)), flat.numel()
 
 
-def _order_groups(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[torch.Tensor, int]]
+def _order_groups(tensors: Sequence[torch.Tensor | None], reduced: Mapping[int, tuple[torch.Tensor, int]]
                   ) -> tuple[list[list[int]], list[int], list[int], list[int]]:
     """Indices of the tensors by how they are reduced: groups of small ones of one dtype and shape, large ones,
-    empty ones (those in ``reduced`` are none of these); and every tensor's element count."""
+    empty ones (those in ``reduced``, and None ones, the rows of stacked matrices, are none of these); and every
+    tensor's element count (0 for a None one)."""
     groups: dict[tuple[torch.dtype, torch.Size], list[int]] = {}
     large: list[int] = []
     empty: list[int] = []
@@ -155,6 +182,9 @@ def _order_groups(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[t
     for i, t in enumerate(tensors):
         if i in reduced:
             numels.append(reduced[i][1])
+            continue
+        if t is None:
+            numels.append(0)
             continue
         n = t.numel()
         numels.append(n * 2 if t.is_complex() else n)
@@ -172,18 +202,21 @@ def _order_groups(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[t
     return list(groups.values()), large, empty, numels
 
 
-def _reduce_ordered(tensors: Sequence[torch.Tensor], groups: list[list[int]], large: list[int],
-                    empty: list[int], reduced: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """The [k, 4] table of :func:`reduce_rows`, its rows in the order groups, large, ``reduced`` (rows made
-    already), empty."""
-    device = (reduced or tensors)[0].device
+def _reduce_ordered(tensors: Sequence[torch.Tensor | None], groups: list[list[int]], large: list[int],
+                    empty: list[int], reduced: Sequence[torch.Tensor] = (),
+                    stacked: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """The [k, 4] table of :func:`reduce_rows`, its rows in the order ``stacked`` (matrices of copies, row by
+    row), groups, large, ``reduced`` (rows made already), empty."""
+    device = (stacked or reduced or [t for t in tensors if t is not None])[0].device
     parts: list[torch.Tensor] = []
+    for matrix in stacked:
+        parts.extend(_reduce_stacked(matrix))
     for indices in groups:
-        rows = max(1, BLOCK // tensors[indices[0]].numel())
-        parts.extend(_reduce_group([tensors[i] for i in indices[start:start + rows]])
+        rows = max(1, BLOCK // tensors[indices[0]].numel())  # type: ignore[union-attr]
+        parts.extend(_reduce_group([tensors[i] for i in indices[start:start + rows]])  # type: ignore[misc]
                      for start in range(0, len(indices), rows))
     if large:
-        parts.append(torch.stack([s for i in large for s in _reduce_large(_flat(tensors[i]))])
+        parts.append(torch.stack([s for i in large for s in _reduce_large(_flat(tensors[i]))])  # type: ignore[arg-type]
                      .to(torch.float64).reshape(-1, 4))
     if reduced:
         parts.append(torch.stack(list(reduced)).to(torch.float64))
@@ -208,10 +241,10 @@ def reduce_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return table
 
 
-def read_back(table: torch.Tensor) -> list[list[float]]:
-    """The statistics table on the host: the one device-to-host transfer per batch of tensors."""
-    rows: list[list[float]] = table.tolist()
-    return rows
+def read_back(table: torch.Tensor) -> Any:
+    """The statistics table on the host (nested lists of floats): the one device-to-host transfer per batch of
+    tensors."""
+    return table.tolist()
 
 
 def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
@@ -254,25 +287,44 @@ def _row_dict(row: Sequence[float], nan: int = 0, inf: int = 0) -> dict[str, Any
     return {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": nan, "inf": inf}
 
 
-def batch_stats(tensors: Sequence[torch.Tensor], reduced: Mapping[int, tuple[torch.Tensor, int]] | None = None,
-                gone: Collection[int] = ()) -> list[dict[str, Any]]:
+def batch_stats(tensors: Sequence[torch.Tensor | None], reduced: Mapping[int, tuple[torch.Tensor, int]] | None = None,
+                gone: Collection[int] = (), stacked: Sequence[tuple[torch.Tensor, Sequence[int]]] = ()
+                ) -> list[dict[str, Any]]:
     """:func:`tensor_stats` of many tensors of one device, with one read-back for all finite ones (only a
     tensor whose row shows NaN/Inf or overflow is looked at again, by :func:`tensor_stats`).
 
     ``reduced`` holds, by index, the row (:func:`reduce_now`) and element count of tensors reduced already:
     their tensor is only looked at again when the row is not finite, unless its index is in ``gone`` (it was
-    changed in place since it was reduced): then its statistics are :data:`~llmdiff.store.schema.UNKNOWN_STATS`."""
+    changed in place since it was reduced): then its statistics are :data:`~llmdiff.store.schema.UNKNOWN_STATS`.
+    ``stacked`` holds matrices of copies already laid out as rows (not complex), each with the indices its rows
+    stand for; the tensors at those indices are None."""
     if not tensors:
         return []
     reduced = reduced or {}
     groups, large, empty, numels = _order_groups(tensors, reduced)
-    order = [i for indices in groups for i in indices] + large + list(reduced) + empty
-    table = _reduce_ordered(tensors, groups, large, empty, [row for row, _ in reduced.values()])
+    row_of: dict[int, tuple[torch.Tensor, int]] = {}
+    for matrix, indices in stacked:
+        n = matrix[0].numel() if len(indices) else 0
+        for row, i in enumerate(indices):
+            numels[i] = n
+            row_of[i] = (matrix, row)
+    order = [i for _, indices in stacked for i in indices] + [i for indices in groups for i in indices] + large \
+        + list(reduced) + empty
+    table = _reduce_ordered(tensors, groups, large, empty, [row for row, _ in reduced.values()],
+                            [matrix for matrix, indices in stacked if len(indices)])
     counts = torch.tensor([numels[i] for i in order], dtype=torch.float64, device=table.device)
+    # One flat list of floats: a list per row would be thousands of objects Python's collector tracks.
+    flat = read_back(_finish_table(table, counts).reshape(-1))
     out: list[dict[str, Any]] = [{}] * len(tensors)
-    for i, (lo, hi, mean, std, norm, finite) in zip(order, read_back(_finish_table(table, counts)), strict=True):
-        out[i] = {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": 0, "inf": 0} if finite \
-            else dict(UNKNOWN_STATS) if i in gone else tensor_stats(tensors[i])
+    for k, i in enumerate(order):
+        lo, hi, mean, std, norm, finite = flat[6 * k:6 * k + 6]
+        if finite:
+            out[i] = {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": 0, "inf": 0}
+        elif i in gone:
+            out[i] = dict(UNKNOWN_STATS)
+        else:
+            source = row_of.get(i)
+            out[i] = tensor_stats(tensors[i] if source is None else source[0][source[1]])  # type: ignore[arg-type]
     return out
 
 

@@ -44,6 +44,11 @@ from llmdiff.store.schema import (
 
 _CLOSE = object()
 
+#: Manifest lines are encoded this many at a time. A record holding its statistics (a dict in a dict) is
+#: tracked by Python's collector: thousands of them alive at once, a step's worth, were carried into its
+#: oldest generation, whose full collections walk the whole heap.
+RECORDS_PER_ENCODE = 256
+
 #: One captured entry as the capture hands it over: a tuple of plain values (which Python's cycle collector
 #: stops tracking), ``(seq, step, module, type, call, part, path, shape, dtype, device, note, caller, index,
 #: same_as, keep)``. ``index`` >= 0: its copy is ``tensors[index]`` and its statistics ``stats[index]``, the copy
@@ -110,18 +115,18 @@ class DumpWriter:
             self._thread.start()
 
     # -- called from the capturing thread -------------------------------------------------------
-    def add(self, rank: int, entries: list[PendingEntry], tensors: list[torch.Tensor],
+    def add(self, rank: int, entries: list[PendingEntry], tensors: Sequence[torch.Tensor | None],
             stats: list[dict[str, Any]]) -> None:
-        """Queue entries of ``rank``, in order (see :data:`PendingEntry`); ``tensors`` are private copies, and
-        ``stats`` their statistics."""
+        """Queue entries of ``rank``, in order (see :data:`PendingEntry`); ``tensors`` are private copies (None
+        where an entry is not stored), and ``stats`` their statistics."""
         self._raise_if_failed()
         # Only the copies to store travel on: the others (statistics only) are freed, or reused, now.
         stored: list[torch.Tensor | None] = [None] * len(tensors)
         size = 0
         on_device: dict[torch.device, list[int]] = {}
         for entry in entries:
-            if entry[14]:
-                tensor = stored[entry[12]] = tensors[entry[12]]
+            if entry[14] and (tensor := tensors[entry[12]]) is not None:
+                stored[entry[12]] = tensor
                 size += tensor.numel() * tensor.element_size()
                 if _on_device(tensor):
                     on_device.setdefault(tensor.device, []).append(entry[12])
@@ -256,6 +261,9 @@ class DumpWriter:
                 self._pending.append(encode_lines(records))  # these lines point into the shard about to be committed
                 records = []
                 self._commit()
+            elif len(records) == RECORDS_PER_ENCODE:
+                self._pending.append(encode_lines(records))
+                records = []
         self._pending.append(encode_lines(records))
 
     def _commit(self) -> None:
