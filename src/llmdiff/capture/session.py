@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
-from llmdiff.capture.staging import Arena, Rows
+from llmdiff.capture.staging import ROW_DTYPES, Arena, Rows
 from llmdiff.capture.stats import GROUP_MAX, SEGMENT_MAX, batch_stats, content_hashes, reduce_now
 from llmdiff.config import (
     CaptureConfig,
@@ -51,6 +51,8 @@ _active: list[Capture] = []
 #: Copies waiting for their statistics are reduced, read back and handed to the writer at the latest at this
 #: many bytes (and at each step's end); statistics-only copies live in reusable memory of this size.
 FLUSH_BYTES = 64 << 20
+# Tensor classes whose small copies may be rows of a plain matrix (a subclass, a DTensor say, is cloned as itself)
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 _PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]
@@ -651,7 +653,7 @@ class Capture:
         # reduced, should NaN/Inf need counting); inference tensors have no version counter and are copied. A
         # smaller copy only reduced to statistics goes into reusable memory; one that is stored gets its own.
         copy = None
-        if not keep and 0 < numel <= SEGMENT_MAX and not tensor.dtype.is_complex:
+        if not keep and 0 < numel <= SEGMENT_MAX and tensor.dtype in ROW_DTYPES and type(tensor) in _PLAIN:
             index = len(self._copies)
             self._rows.copy(tensor.detach() if tensor.requires_grad else tensor, index)
             self._copies.append(None)

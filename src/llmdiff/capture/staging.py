@@ -47,6 +47,11 @@ class Arena:
         self._used.clear()
 
 
+#: The dtypes :class:`Rows` takes (complex, quantized and float8 copies are cloned, as before).
+ROW_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16,
+                        torch.int32, torch.int64, torch.uint8, torch.bool})
+
+
 class Rows:
     """Copies of small tensors as the rows of reusable matrices, one per device, dtype and shape.
 
