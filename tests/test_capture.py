@@ -268,7 +268,9 @@ def _reference_stats(t: torch.Tensor) -> dict:
 
 
 def test_statistics_match_a_float64_reference():
-    from llmdiff.capture.stats import CHUNK, GROUP_MAX, SEGMENT_MAX, batch_stats, tensor_stats
+    from llmdiff.capture.stats import CHUNK, GROUP_MAX, batch_stats, tensor_stats
+
+    SEGMENT_MAX = 1 << 12
 
     torch.manual_seed(0)
     tensors = [torch.randn(5, 7), torch.randn(5, 7), torch.tensor([34519, 1, 9690]), torch.randn(3).to(torch.bfloat16),
@@ -351,6 +353,24 @@ def test_small_copies_of_any_dtype_or_class_keep_their_statistics(tmp_path):
     assert got.keys() == outputs.keys()
     for name, tensor in outputs.items():  # half precision is summed in float32 in a batch, float64 alone
         assert got[name] == pytest.approx(tensor_stats(tensor.as_subclass(torch.Tensor)), rel=1e-6), name
+
+
+def test_rows_keep_every_copy_as_it_was_through_growth_and_reset():
+    from llmdiff.capture.staging import Rows
+
+    rows, tensors = Rows(), [torch.randn(2, 3) for _ in range(150)] + [torch.arange(4)]
+    for index, tensor in enumerate(tensors):
+        rows.copy(tensor, index)
+    first = tensors[0].clone()
+    tensors[0].add_(1)  # the model changes it in place after the copy
+    got = {index: matrix[row] for matrix, owners in rows.stacked() for row, index in enumerate(owners)}
+    assert sorted(got) == list(range(151)) and torch.equal(got[0], first)
+    assert all(torch.equal(got[i], tensors[i]) for i in range(1, 151))
+    rows.reset()
+    rows.copy(tensors[3], 0)
+    assert [(matrix.shape, owners) for matrix, owners in rows.stacked()] == [((1, 2, 3), [0])]
+    rows.reset()  # the arange's shape was not copied since the last reset: its matrix is let go
+    assert rows.stacked() == [] and list(rows._matrices) == [(torch.device("cpu"), torch.float32, (2, 3))]
 
 
 def test_hashes_are_read_back_once_per_step(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from llmdiff.capture.flatten import flatten
 from llmdiff.capture.ops import OpRecorder
 from llmdiff.capture.staging import ROW_DTYPES, Arena, Rows
-from llmdiff.capture.stats import GROUP_MAX, SEGMENT_MAX, batch_stats, content_hashes, reduce_now
+from llmdiff.capture.stats import GROUP_MAX, batch_stats, content_hashes, reduce_now
 from llmdiff.config import (
     CaptureConfig,
     config_from_mapping,
@@ -648,12 +648,13 @@ class Capture:
             if keep:
                 note = f"stats only: {numel} elements > max_tensor_size {max_size}"
             keep = False
-        # What the model does next cannot change what was recorded. A large tensor that is only reduced to
-        # statistics is reduced now (its version counter tells at the flush whether it is still what was
-        # reduced, should NaN/Inf need counting); inference tensors have no version counter and are copied. A
-        # smaller copy only reduced to statistics goes into reusable memory; one that is stored gets its own.
+        # What the model does next cannot change what was recorded. A small tensor only reduced to statistics is
+        # copied into a row of a reusable matrix (reduced with the others at the flush). A large one is reduced
+        # now (its version counter tells at the flush whether it is still what was reduced, should NaN/Inf need
+        # counting); inference tensors have no version counter and are copied into reusable memory. A copy that
+        # is stored gets its own.
         copy = None
-        if not keep and 0 < numel <= SEGMENT_MAX and tensor.dtype in ROW_DTYPES and type(tensor) in _PLAIN:
+        if not keep and 0 < numel <= GROUP_MAX and tensor.dtype in ROW_DTYPES and type(tensor) in _PLAIN:
             index = len(self._copies)
             self._rows.copy(tensor.detach() if tensor.requires_grad else tensor, index)
             self._copies.append(None)
@@ -662,7 +663,7 @@ class Capture:
         if not keep and numel > GROUP_MAX and self._reduce_at_hook and not tensor.is_inference():
             self._reduced[len(self._copies)] = (*reduce_now(tensor), tensor._version)
             copy = tensor
-        elif not keep and numel > SEGMENT_MAX:
+        elif not keep and numel > GROUP_MAX:
             copy = self._staging.copy(tensor)
             if copy is None and self._pending:
                 self._flush()  # the staging memory is full: read back what it holds, then reuse it

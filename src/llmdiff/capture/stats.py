@@ -31,9 +31,6 @@ import torch
 
 from llmdiff.store.schema import UNKNOWN_STATS
 
-#: Tensors up to this many elements are copied with their own allocation (larger ones only reduced to statistics
-#: go into a capture's reusable staging memory).
-SEGMENT_MAX = 1 << 12
 #: Tensors up to GROUP_MAX elements are reduced together, as the rows of a matrix per dtype and shape (in blocks of
 #: at most BLOCK elements): for them a reduction's fixed cost is most of its cost. Larger ones are reduced one by one,
 #: in chunks of CHUNK elements through a scratch buffer: stacking them would cost more memory passes than it saves
