@@ -299,17 +299,12 @@ def batch_stats(tensors: Sequence[torch.Tensor | None], reduced: Mapping[int, tu
         return []
     reduced = reduced or {}
     groups, large, empty, numels = _order_groups(tensors, reduced)
-    row_of: dict[int, tuple[torch.Tensor, int]] = {}
-    for matrix, indices in stacked:
-        n = matrix[0].numel() if len(indices) else 0
-        for row, i in enumerate(indices):
-            numels[i] = n
-            row_of[i] = (matrix, row)
-    order = [i for _, indices in stacked for i in indices] + [i for indices in groups for i in indices] + large \
-        + list(reduced) + empty
+    rest = [i for indices in groups for i in indices] + large + list(reduced) + empty
+    order = [i for _, indices in stacked for i in indices] + rest
     table = _reduce_ordered(tensors, groups, large, empty, [row for row, _ in reduced.values()],
                             [matrix for matrix, indices in stacked if len(indices)])
-    counts = torch.tensor([numels[i] for i in order], dtype=torch.float64, device=table.device)
+    counts = torch.tensor([math.prod(matrix.shape[1:]) for matrix, indices in stacked for _ in indices]
+                          + [numels[i] for i in rest], dtype=torch.float64, device=table.device)
     # One flat list of floats: a list per row would be thousands of objects Python's collector tracks.
     flat = read_back(_finish_table(table, counts).reshape(-1))
     out: list[dict[str, Any]] = [{}] * len(tensors)
@@ -320,9 +315,17 @@ def batch_stats(tensors: Sequence[torch.Tensor | None], reduced: Mapping[int, tu
         elif i in gone:
             out[i] = dict(UNKNOWN_STATS)
         else:
-            source = row_of.get(i)
-            out[i] = tensor_stats(tensors[i] if source is None else source[0][source[1]])  # type: ignore[arg-type]
+            tensor = tensors[i]
+            out[i] = tensor_stats(tensor if tensor is not None else _stacked_row(stacked, i))
     return out
+
+
+def _stacked_row(stacked: Sequence[tuple[torch.Tensor, Sequence[int]]], index: int) -> torch.Tensor:
+    """The row standing for tensor ``index`` in ``stacked`` (looked for only when its statistics show NaN/Inf)."""
+    for matrix, indices in stacked:
+        if index in indices:
+            return matrix[list(indices).index(index)]
+    raise KeyError(index)
 
 
 def content_hash(t: torch.Tensor) -> str:
