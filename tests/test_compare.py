@@ -151,6 +151,18 @@ def test_missing_entries_make_the_verdict_incomplete(dumps, tmp_path):
     assert allowed.verdict == "match" and allowed.comparison.counts["missing_in_target"] == len(missing)
 
 
+@pytest.mark.parametrize("selection", [{"modules": ["no_such_module"]}, {"steps": "40-50"},
+                                       {"steps": "40", "allow_missing": True}])
+def test_a_comparison_that_compared_nothing_is_not_a_match(dumps, selection):
+    report = llmdiff.compare(dumps["golden"], dumps["golden_again"], **selection)
+    assert report.entries == [] and report.verdict == "incomplete" and report.exit_code == 1
+    assert any(n.startswith("nothing was compared: --") for n in report.comparison.notes)
+    args = [a for k, v in selection.items() if k != "allow_missing" for a in (f"--{k}", *([v] if isinstance(v, str)
+                                                                                          else v))]
+    shown = cli("compare", dumps["golden"], dumps["golden_again"], *args)
+    assert shown.returncode == 1 and "no tensor was compared" in shown.stdout and "entries: none" in shown.stdout
+
+
 def test_steps_filter_and_mapping(dumps, tmp_path):
     report = llmdiff.compare(dumps["golden"], dumps["golden_again"], steps="1-2")
     assert {e.step for e in report.entries} == {1, 2}

@@ -288,6 +288,9 @@ def test_healthy_vllm_float32_matches_transformers_point_by_point(cross):
     assert layer_out.target_source == "model.layers.4 output.0 + model.layers.4 output.1"
     assert max(e.metrics["rel_l2"] for e in passed if e.metrics.get("rel_l2") is not None) < 1e-4
     assert all(r["max_logprob_diff"] < 1e-3 for r in c.requests)
+    nothing = llmdiff.compare(root / "hf", root / "vllm", modules=["no_such_module"]).comparison
+    assert nothing.verdict == "incomplete" and [r["verdict"] for r in nothing.requests] == ["incomplete"] * 2
+    assert any(n.startswith("nothing was compared: --modules selected none") for n in nothing.notes)
 
 
 def test_healthy_vllm_bfloat16_matches_within_the_bfloat16_budget(cross):

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llmdiff.compare.results import DIVERGED, FAILING, MATCH, PASS, Culprit, EntryResult, Tokens
+from llmdiff.compare.results import DIVERGED, FAILING, INCOMPLETE, MATCH, PASS, Culprit, EntryResult, Tokens
 from llmdiff.compare.unshard import add_up, process_engine
 from llmdiff.engines import CANONICAL, canonical_sources
 from llmdiff.engines.canonical import Ref, Source, points
@@ -470,9 +470,10 @@ def request_summaries(requests: Sequence[dict[str, Any]], entries: Sequence[Entr
         steps = [s for s in tokens.steps if s.rank == request]
         flip = next((s for s in steps if s.flip), None)
         culprit = next((c for c in culprits if c.confirmed and c.requests and request in c.requests), None)
-        verdict = DIVERGED if failing or culprit or (flip is not None and not flip.near_tie) else MATCH
-        out.append({**info, "verdict": verdict, "points": sum(1 for e in mine if e.status == PASS or
-                                                               e.status in FAILING),
+        points = sum(1 for e in mine if e.status == PASS or e.status in FAILING)
+        verdict = (DIVERGED if failing or culprit or (flip is not None and not flip.near_tie)
+                   else MATCH if points else INCOMPLETE)
+        out.append({**info, "verdict": verdict, "points": points,
                     "failing": len(failing),
                     "first_divergence": None if first is None else {"step": first.step, "name": first.name,
                                                                     "reason": first.reason},

@@ -509,12 +509,17 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
     flip = tokens.first_flip
     departure = flip is not None and flip.get("near_tie") is not True
     paired = len(entries) - len(missing)
-    unchecked = any(a["verdict"] == INCOMPLETE for a in p.ranks_agree.values())  # a rank's evidence is missing
+    measured = sum(1 for e in entries if e.status == PASS or e.status in FAILING)
+    # a rank's evidence is missing (a side whose ranks share no whole tensor in the selection is not)
+    unchecked = any(a["verdict"] == INCOMPLETE and a["compared"] for a in p.ranks_agree.values())
     if (missing and (not allow_missing or paired == 0)) or ((lost or unchecked) and not options.allow_missing):
         verdict = INCOMPLETE
     elif (first is not None or departure or tokens.first_input_mismatch == 0 or any(c.confirmed for c in culprits)
           or any(a["verdict"] == DIVERGED for a in p.ranks_agree.values())):
         verdict = DIVERGED
+    elif measured == 0:  # no evidence is not a match
+        verdict = INCOMPLETE
+        notes.append(nothing_compared(p, entries))
     else:
         verdict = MATCH
     if missing and paired == 0:
@@ -549,7 +554,10 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
                      "parts='both'")
     for side, agree in p.ranks_agree.items():
         where = agree["first_divergence"]
-        if agree["verdict"] != MATCH:
+        if not agree["compared"]:
+            notes.append(f"{side}: its tensor-parallel ranks hold no tensor whole in the compared selection, so "
+                         "whether they agree was not checked")
+        elif agree["verdict"] != MATCH:
             state = "disagree" if agree["verdict"] == DIVERGED else "could not all be compared (incomplete)"
             notes.append(f"{side}: its tensor-parallel ranks {state} on tensors every rank holds whole"
                          + ("" if where is None else
@@ -575,6 +583,26 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
                       entries=entries, settings=settings, notes=notes,
                       problems=[f"golden: {p}" for p in golden.problems] + [f"target: {p}" for p in target.problems],
                       metric_names=metric_names, requests=requests, ranks_agree=p.ranks_agree)
+
+
+def nothing_compared(p: Plan, entries: Sequence[EntryResult]) -> str:
+    """Why a comparison measured no entry, in one note."""
+    options = p.options
+    filters = [flag for flag, used in (("--modules", bool(options.modules)), ("--steps", options.steps is not None))
+               if used]
+    if options.level == "token":
+        filters.append("--level token")
+    sizes = f"{len(p.golden.entries)} golden and {len(p.target.entries)} target entries"
+    if entries:
+        why = "every pair was fed different tokens or could not be measured"
+    elif filters:
+        why = f"{' and '.join(filters)} selected none of the {sizes}"
+    elif p.cross is not None:
+        why = ("no captured entry holds a canonical point (operator-level entries pair only between runs of one "
+               "engine that batched alike)")
+    else:
+        why = f"no entry pairs ({sizes})"
+    return f"nothing was compared: {why}; the verdict is incomplete, not match"
 
 
 def options_from(rtol: float | None = None, atol: float | None = None, steps: str | None = None,

@@ -89,6 +89,9 @@ def print_weights(c: Comparison, console: Console, top: int = 10) -> None:
 
 def _print_counts(c: Comparison, console: Console, label: str) -> None:
     counts = c.counts
+    if not counts["total"]:
+        console.print(f"{label}: none")
+        return
     console.print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "total")
                   + f" (of {counts['total']})")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from llmdiff.compare.results import Comparison, Culprit
+from llmdiff.compare.results import PASS, Comparison, Culprit
 
 
 def num(value: Any, digits: int = 3) -> str:
@@ -81,8 +81,10 @@ def headline(comparison: Comparison) -> list[tuple[str, str]]:
     if c.first_divergence:
         fd = c.first_divergence
         rows.append(("first divergence", f"step {fd['step']}, {fd['name']}: {fd['reason']}"))
-    else:
+    elif any(e.status == PASS for e in c.entries):
         rows.append(("first divergence", "none: every compared tensor is within tolerance"))
+    else:
+        rows.append(("first divergence", "none found: no tensor was compared"))
     confirmed = [k for k in c.culprits if k.confirmed]
     if confirmed:
         rows.append(("culprit", culprit_text(confirmed[0])))
