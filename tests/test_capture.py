@@ -370,7 +370,7 @@ def test_rows_keep_every_copy_as_it_was_through_growth_and_reset():
     rows.copy(tensors[3], 0)
     assert [(matrix.shape, owners) for matrix, owners in rows.stacked()] == [((1, 2, 3), [0])]
     rows.reset()  # the arange's shape was not copied since the last reset: its matrix is let go
-    assert rows.stacked() == [] and list(rows._matrices) == [(torch.device("cpu"), torch.float32, (2, 3))]
+    assert rows.stacked() == [] and rows.shapes() == [(torch.device("cpu"), torch.float32, (2, 3))]
 
 
 def test_hashes_are_read_back_once_per_step(tmp_path, monkeypatch):

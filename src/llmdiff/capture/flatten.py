@@ -42,19 +42,37 @@ def flatten(obj: Any) -> list[tuple[str, torch.Tensor]]:
     return found
 
 
+_OPAQUE, _MAPPING, _SEQUENCE, _DATACLASS = range(4)
+_KINDS: dict[type, int] = {}  # how a type is entered, found once per type (an ABC or dataclass check costs ~1 us)
+
+
+def _kind(cls: type) -> int:
+    kind = _KINDS.get(cls)
+    if kind is None:
+        if issubclass(cls, Mapping):  # includes transformers' ModelOutput, an OrderedDict of set fields
+            kind = _MAPPING
+        elif issubclass(cls, (tuple, list)):
+            kind = _SEQUENCE
+        elif dataclasses.is_dataclass(cls):
+            kind = _DATACLASS
+        else:
+            kind = _OPAQUE
+        _KINDS[cls] = kind
+    return kind
+
+
 def _walk(obj: Any, path: str, depth: int, found: list[tuple[str, torch.Tensor]]) -> None:
     if isinstance(obj, torch.Tensor):
         found.append((path, obj))
         return
-    if depth >= _MAX_DEPTH:
+    kind = _kind(type(obj))
+    if kind == _OPAQUE or depth >= _MAX_DEPTH:
         return
-    if isinstance(obj, Mapping):  # includes transformers' ModelOutput, an OrderedDict of set fields
+    if kind == _MAPPING:
         items: Any = ((str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (tuple, list)):
+    elif kind == _SEQUENCE:
         items = enumerate(obj)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        items = ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
     else:
-        return
+        items = ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
     for key, value in items:
         _walk(value, f"{path}.{key}" if path else str(key), depth + 1, found)

@@ -22,7 +22,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,7 +151,6 @@ class Capture:
         self.rank: int | None = None
         self.current_step = 0
         self.steps_done = 0
-        self.entries = 0
         self.calls_seen = 0
         self._started = False
         self._paused = False
@@ -169,12 +168,12 @@ class Capture:
         self._seen: dict[int, _Seen] = {}
         self._forget = _forgetter(self._seen)
         self._token_ids: list[Any] | None = None
-        self._step_entries = 0
+        self._step_first_seq = 0  # the seq of this step's first entry
         self._depth = 0
         # the open module calls, innermost last: (module, its path, call index, caller)
         self._frames: list[tuple[nn.Module, str, int, str | None]] = []
         self._kwargs_pending: set[int] = set()
-        self._seq = 0
+        self._seq = 0  # the next entry's seq: entries recorded so far
         self._graph_capture_seen = False
         self._selected_key: tuple[Any, ...] | None = None  # what _step_selected's cached answer holds for
         self._selected_now = False
@@ -191,6 +190,7 @@ class Capture:
         self._scoped = self.config.scope is not None
         self._inputs = "input" in self.config.parts
         self._devices = bool(self.config.devices)
+        self._admitted: set[_Place] = set()  # places _record takes without asking _admit
         self._keep = self.config.mode == "tensor"  # full tensors are stored (unless larger than _max_size)
         self._reduce_at_hook = not self.config.hash  # a hash needs the bytes as they were: a copy
         self._max_size = self.config.max_tensor_size
@@ -336,6 +336,15 @@ class Capture:
         if count and self.auto_step and self._depth == 0:
             self._flush()
         return count
+
+    @property
+    def entries(self) -> int:
+        """Entries recorded so far."""
+        return self._seq
+
+    @property
+    def _step_entries(self) -> int:
+        return self._seq - self._step_first_seq
 
     @property
     def running(self) -> bool:
@@ -541,7 +550,7 @@ class Capture:
         self._calls = {}
         self._seen.clear()  # the same dict: the weak references' callbacks hold it
         self._token_ids = None
-        self._step_entries = 0
+        self._step_first_seq = self._seq
 
     def _begin_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._reset_step_state()
@@ -598,26 +607,21 @@ class Capture:
 
     def _record(self, module: str, type_name: str, call: int, part: str, path: str, tensor: torch.Tensor,
                 caller: str | None = None) -> None:
-        # Runs for every captured tensor: plain attribute reads and at most one copy. What is held until the
-        # flush is one tuple of plain values per entry (store.writer.PendingEntry), which Python's collector
-        # stops tracking.
-        place = _PLACES.get(tensor.device) or _place(tensor.device)
-        if self._devices and not self.config.selects_device(place.name):
+        # Runs for every captured tensor (tens of thousands a run): plain attribute reads and at most one copy.
+        # What is held until the flush is one tuple of plain values per entry (store.writer.PendingEntry), which
+        # Python's collector stops tracking.
+        device = tensor.device
+        place = _PLACES.get(device) or _place(device)
+        if place not in self._admitted and not self._admit(place):
             return
-        if place.cuda and torch.cuda.is_current_stream_capturing():
-            self._graph_capture_seen = True
-            return
-        if self._writer is None:
-            self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
         seq = self._seq
         self._seq = seq + 1
-        self._step_entries += 1
-        self.entries += 1
         dtype = tensor.dtype
+        shape = tensor.shape
         note = None
         index = same_as = -1
         keep = False
-        if tensor.layout is not torch.strided or place.meta:
+        if place.meta or tensor.layout is not torch.strided:
             note = f"not recorded: {tensor.layout} tensor on {place.name}"
         else:
             # The same tensor, unchanged, is stored once. Inference-mode tensors (vLLM) have no version counter,
@@ -631,12 +635,35 @@ class Capture:
                     ref = self._seen[key] = _Seen(tensor, self._forget)
                     ref.key, ref.version, ref.seq = key, version, seq
             if same_as < 0:
-                index, note, keep = self._copy(tensor)
-        self._pending.append((seq, self.current_step, module, type_name, call, part, path, tuple(tensor.shape),
+                numel = tensor.numel()
+                if not self._keep and 0 < numel <= GROUP_MAX and dtype in ROW_DTYPES and type(tensor) in _PLAIN:
+                    # the common case, inline: a statistics-only copy of a small tensor, a row of a shared matrix
+                    index = len(self._copies)
+                    self._rows.copy(tensor.detach() if tensor.requires_grad else tensor, index, (device, dtype, shape))
+                    self._copies.append(None)
+                    self._pending_bytes += numel * tensor.element_size()
+                else:
+                    index, note, keep = self._copy(tensor)
+        self._pending.append((seq, self.current_step, module, type_name, call, part, path, tuple(shape),
                               _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), place.name, note, caller, index,
                               same_as, keep))
         if self._pending_bytes >= FLUSH_BYTES:
             self._flush()
+
+    def _admit(self, place: _Place) -> bool:
+        """Whether an entry on ``place`` is recorded now. A place whose answer cannot change until the writer
+        does is remembered in ``_admitted``, so that ``_record`` asks once (an accelerator's is asked each time:
+        a CUDA graph being captured records nothing)."""
+        if self._devices and not self.config.selects_device(place.name):
+            return False
+        if place.cuda and torch.cuda.is_current_stream_capturing():
+            self._graph_capture_seen = True
+            return False
+        if self._writer is None:
+            self._ensure_writer()  # claims the process folder, which fixes this process's rank for every entry
+        if not place.cuda:
+            self._admitted.add(place)
+        return True
 
     def _copy(self, tensor: torch.Tensor) -> tuple[int, str | None, bool]:
         """Copy ``tensor`` for the pending entries: (its index in the copies, a note, whether it is stored)."""
@@ -751,9 +778,10 @@ class Capture:
     def _after_fork(self) -> None:
         # A forked child shares nothing with the parent's writer thread: it starts its own folder.
         self._writer = None
+        self._admitted = set()
         self._pending, self._copies, self._reduced, self._pending_bytes = [], [], {}, 0
         self.folder = self.rank = None
-        self._seq = self.entries = self.steps_done = 0
+        self._seq = self._step_first_seq = self.steps_done = 0
         self._depth = 0
         self._frames = []
 
@@ -820,10 +848,15 @@ def _forgetter(seen: dict[int, _Seen]) -> Callable[[_Seen], None]:
     return forget
 
 
-class _Place(NamedTuple):
-    name: str  # as written in the manifest: "cpu", "cuda:0"
-    cuda: bool
-    meta: bool
+class _Place:
+    """A device as the hooks need it; one per device (``_PLACES``), so compared and hashed by identity."""
+
+    __slots__ = ("cuda", "meta", "name")
+
+    def __init__(self, device: torch.device) -> None:
+        self.name = str(device)  # as written in the manifest: "cpu", "cuda:0"
+        self.cuda = device.type == "cuda"
+        self.meta = device.type == "meta"
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
@@ -831,7 +864,7 @@ _PLACES: dict[torch.device, _Place] = {}
 
 
 def _place(device: torch.device) -> _Place:
-    place = _PLACES[device] = _Place(str(device), device.type == "cuda", device.type == "meta")
+    place = _PLACES[device] = _Place(device)
     return place
 
 

@@ -64,50 +64,60 @@ class Rows:
     """
 
     def __init__(self) -> None:
-        self._matrices: dict[tuple[torch.device, torch.dtype, torch.Size], torch.Tensor] = {}
-        # each matrix's rows as views made once (indexing a row at each copy doubled its cost: 1.8 -> 0.9 us)
-        self._rows: dict[tuple[torch.device, torch.dtype, torch.Size], list[torch.Tensor]] = {}
-        self._owners: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
+        self._slots: dict[tuple[torch.device, torch.dtype, torch.Size], _Slot] = {}
 
-    def copy(self, tensor: torch.Tensor, index: int) -> None:
-        """Copy ``tensor`` into the next row of its matrix; ``index`` is the copy's index in the capture's list."""
-        key = (tensor.device, tensor.dtype, tensor.shape)
-        owners = self._owners.get(key)
-        if owners is None:
-            owners = self._owners[key] = []
-        rows = self._rows.get(key)
-        row = len(owners)
-        if rows is None or row == len(rows):
-            rows = self._grow(key, row)
-        rows[row].copy_(tensor)
+    def copy(self, tensor: torch.Tensor, index: int,
+             key: tuple[torch.device, torch.dtype, torch.Size] | None = None) -> None:
+        """Copy ``tensor`` into the next row of its matrix; ``index`` is the copy's index in the capture's list,
+        ``key`` the tensor's (device, dtype, shape) when the caller has them already."""
+        if key is None:
+            key = (tensor.device, tensor.dtype, tensor.shape)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+        owners = slot.owners
+        used = len(owners)
+        if used == len(slot.rows):
+            slot.grow(key, used)
+        slot.rows[used].copy_(tensor)
         owners.append(index)
-
-    def _grow(self, key: tuple[torch.device, torch.dtype, torch.Size], used: int) -> list[torch.Tensor]:
-        old = self._matrices.get(key)
-        with torch.inference_mode(False):  # rows take copies in and out of inference mode
-            matrix = torch.empty((max(64, 2 * used), *key[2]), dtype=key[1], device=key[0])
-            rows = self._rows[key] = list(matrix.unbind(0))
-        if old is not None:
-            matrix[:used].copy_(old[:used])
-        self._matrices[key] = matrix
-        return rows
 
     def stacked(self) -> list[tuple[torch.Tensor, list[int]]]:
         """The rows copied since the last :meth:`reset`: a matrix per dtype and shape, and the index of each row."""
-        return [(self._matrices[key][:len(owners)], owners) for key, owners in self._owners.items() if owners]
+        return [(slot.matrix[:len(slot.owners)], slot.owners) for slot in self._slots.values() if slot.owners]
 
     def reset(self) -> None:
         """Every row is free again; matrices of a shape no copy took since the last reset are let go (a
         prompt's shapes are not seen again in decoding)."""
-        for key in [key for key, owners in self._owners.items() if not owners]:
-            del self._owners[key]
-            self._matrices.pop(key, None)
-            self._rows.pop(key, None)
-        for key in self._owners:
-            self._owners[key] = []  # a list handed out by stacked() is not cleared under its holder
+        for key in [key for key, slot in self._slots.items() if not slot.owners]:
+            del self._slots[key]
+        for slot in self._slots.values():
+            slot.owners = []  # a list handed out by stacked() is not cleared under its holder
 
     def release(self) -> None:
         """Give the memory back (the capture stopped)."""
-        self._matrices.clear()
-        self._rows.clear()
-        self._owners.clear()
+        self._slots.clear()
+
+    def shapes(self) -> list[tuple[torch.device, torch.dtype, torch.Size]]:
+        """The (device, dtype, shape) of each matrix held."""
+        return list(self._slots)
+
+
+class _Slot:
+    """One (device, dtype, shape)'s matrix, its rows as views made once (indexing a row at each copy doubled
+    its cost: 1.8 -> 0.9 us), and the copy each used row stands for."""
+
+    __slots__ = ("matrix", "owners", "rows")
+
+    def __init__(self) -> None:
+        self.matrix = torch.empty(0)
+        self.rows: list[torch.Tensor] = []
+        self.owners: list[int] = []
+
+    def grow(self, key: tuple[torch.device, torch.dtype, torch.Size], used: int) -> None:
+        with torch.inference_mode(False):  # rows take copies in and out of inference mode
+            matrix = torch.empty((max(64, 2 * used), *key[2]), dtype=key[1], device=key[0])
+            self.rows = list(matrix.unbind(0))
+        if used:
+            matrix[:used].copy_(self.matrix[:used])
+        self.matrix = matrix

@@ -303,13 +303,16 @@ def batch_stats(tensors: Sequence[torch.Tensor | None], reduced: Mapping[int, tu
     order = [i for _, indices in stacked for i in indices] + rest
     table = _reduce_ordered(tensors, groups, large, empty, [row for row, _ in reduced.values()],
                             [matrix for matrix, indices in stacked if len(indices)])
-    counts = torch.tensor([math.prod(matrix.shape[1:]) for matrix, indices in stacked for _ in indices]
-                          + [numels[i] for i in rest], dtype=torch.float64, device=table.device)
+    # each stacked matrix's row size repeated over its rows, then each other tensor's size
+    sizes = [math.prod(matrix.shape[1:]) for matrix, _ in stacked] + [numels[i] for i in rest]
+    repeats = [len(indices) for _, indices in stacked] + [1] * len(rest)
+    counts = torch.tensor(sizes, dtype=torch.float64, device=table.device).repeat_interleave(
+        torch.tensor(repeats, device=table.device), output_size=len(order))  # known size: no device sync
     # One flat list of floats: a list per row would be thousands of objects Python's collector tracks.
     flat = read_back(_finish_table(table, counts).reshape(-1))
     out: list[dict[str, Any]] = [{}] * len(tensors)
-    for k, i in enumerate(order):
-        lo, hi, mean, std, norm, finite = flat[6 * k:6 * k + 6]
+    for i, lo, hi, mean, std, norm, finite in zip(order, flat[0::6], flat[1::6], flat[2::6], flat[3::6], flat[4::6],
+                                                  flat[5::6], strict=True):
         if finite:
             out[i] = {"min": lo, "max": hi, "mean": mean, "std": std, "norm": norm, "nan": 0, "inf": 0}
         elif i in gone:
