@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -291,6 +292,24 @@ def test_healthy_vllm_float32_matches_transformers_point_by_point(cross):
     nothing = llmdiff.compare(root / "hf", root / "vllm", modules=["no_such_module"]).comparison
     assert nothing.verdict == "incomplete" and [r["verdict"] for r in nothing.requests] == ["incomplete"] * 2
     assert any(n.startswith("nothing was compared: --modules selected none") for n in nothing.notes)
+
+
+def test_statistics_only_engine_runs_cannot_pair_by_request_and_say_so(cross, tmp_path):
+    # The engine side as a statistics-only capture would write it (its lines without data, no shards): a
+    # batched tensor's statistics cannot be split by request, so nothing pairs, and that is not a match.
+    root, _, _ = cross
+    stats_only = tmp_path / "vllm-stats"
+    shutil.copytree(root / "vllm", stats_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    for manifest in stats_only.glob("*/manifest.jsonl"):
+        lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+        manifest.write_text("".join(json.dumps({**r, "data": None} if r.get("kind") == "entry" else r) + "\n"
+                                    for r in lines))
+    report = llmdiff.compare(root / "hf", stats_only)
+    assert report.verdict == "incomplete" and report.exit_code == 1
+    assert report.entries and all(e.status == "missing_in_target" for e in report.entries)  # listed, one-sided
+    notes = report.comparison.notes
+    assert any("hold statistics only" in n and "mode tensor" in n for n in notes), notes
+    assert any(n.startswith("nothing was compared: a side holds statistics only") for n in notes), notes
 
 
 def test_healthy_vllm_bfloat16_matches_within_the_bfloat16_budget(cross):

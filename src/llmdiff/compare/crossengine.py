@@ -338,7 +338,11 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
              "(request, position); a view's rank is the request"]
     for side in sides:
         unused = [e for e in side.dump.entries if (e.module, e.part, e.path) not in used]
-        if unused:
+        if unused and all(e.data is None for e in side.dump.entries):
+            notes.append(f"{side.engine}: its {len(unused)} entries hold statistics only, and the statistics of a "
+                         "batched tensor cannot be split by request: capture full tensors (mode tensor) to pair "
+                         "runs that batched differently")
+        elif unused:
             touched = {e.module for e in side.dump.entries if (e.module, e.part, e.path) in used}
             idle = sorted({_role(e.module) or "<root>" for e in unused if e.module not in touched})
             notes.append(f"{side.engine}: {len(unused)} captured entries hold no canonical point and are not compared"

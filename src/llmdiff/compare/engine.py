@@ -523,8 +523,7 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
     else:
         verdict = MATCH
     if missing and paired == 0:
-        notes.append("no entry of one dump pairs with an entry of the other: if the module names differ, map them "
-                     "with --map")
+        notes.append(nothing_compared(p, entries))
     elif missing and cross is not None:
         notes.append(f"{len(missing)} canonical points are present on one side only (one engine fuses or skips "
                      "them, or they were not captured): listed, they do not decide the verdict")
@@ -593,13 +592,19 @@ def nothing_compared(p: Plan, entries: Sequence[EntryResult]) -> str:
     if options.level == "token":
         filters.append("--level token")
     sizes = f"{len(p.golden.entries)} golden and {len(p.target.entries)} target entries"
-    if entries:
-        why = "every pair was fed different tokens or could not be measured"
-    elif filters:
+    one_sided = bool(entries) and all(e.status in MISSING for e in entries)
+    if filters and not entries:
         why = f"{' and '.join(filters)} selected none of the {sizes}"
-    elif p.cross is not None:
+    elif p.cross is not None and any(all(e.data is None for e in d.entries) for d in p.viewed):
+        why = ("a side holds statistics only, which cannot be split by request (capture full tensors, mode "
+               "tensor, to pair runs that batched differently)")
+    elif p.cross is not None and not entries:
         why = ("no captured entry holds a canonical point (operator-level entries pair only between runs of one "
                "engine that batched alike)")
+    elif one_sided:
+        why = "no entry of one dump pairs with an entry of the other (if the module names differ, map them with --map)"
+    elif entries:
+        why = "every pair was fed different tokens or could not be measured"
     else:
         why = f"no entry pairs ({sizes})"
     return f"nothing was compared: {why}; the verdict is incomplete, not match"
