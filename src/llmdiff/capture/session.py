@@ -635,15 +635,21 @@ class Capture:
                     ref = self._seen[key] = _Seen(tensor, self._forget)
                     ref.key, ref.version, ref.seq = key, version, seq
             if same_as < 0:
+                # What the model does next cannot change what was recorded: the tensor is copied (or reduced) now.
                 numel = tensor.numel()
-                if not self._keep and 0 < numel <= GROUP_MAX and dtype in ROW_DTYPES and type(tensor) in _PLAIN:
-                    # the common case, inline: a statistics-only copy of a small tensor, a row of a shared matrix
+                keep = self._keep
+                if keep and self._max_size is not None and numel > self._max_size:
+                    note = f"stats only: {numel} elements > max_tensor_size {self._max_size}"
+                    keep = False
+                if not keep and 0 < numel <= GROUP_MAX and dtype in ROW_DTYPES and type(tensor) in _PLAIN:
+                    # the common case, inline: a statistics-only copy of a small tensor is a row of a shared
+                    # matrix, reduced with the others at the flush
                     index = len(self._copies)
                     self._rows.copy(tensor.detach() if tensor.requires_grad else tensor, index, (device, dtype, shape))
                     self._copies.append(None)
                     self._pending_bytes += numel * tensor.element_size()
                 else:
-                    index, note, keep = self._copy(tensor)
+                    index = self._copy(tensor, numel, keep)
         self._pending.append((seq, self.current_step, module, type_name, call, part, path, tuple(shape),
                               _DTYPE_NAMES.get(dtype) or _dtype_name(dtype), place.name, note, caller, index,
                               same_as, keep))
@@ -665,28 +671,13 @@ class Capture:
             self._admitted.add(place)
         return True
 
-    def _copy(self, tensor: torch.Tensor) -> tuple[int, str | None, bool]:
-        """Copy ``tensor`` for the pending entries: (its index in the copies, a note, whether it is stored)."""
-        numel = tensor.numel()
-        keep = self._keep
-        max_size = self._max_size
-        note = None
-        if max_size is not None and numel > max_size:
-            if keep:
-                note = f"stats only: {numel} elements > max_tensor_size {max_size}"
-            keep = False
-        # What the model does next cannot change what was recorded. A small tensor only reduced to statistics is
-        # copied into a row of a reusable matrix (reduced with the others at the flush). A large one is reduced
-        # now (its version counter tells at the flush whether it is still what was reduced, should NaN/Inf need
-        # counting); inference tensors have no version counter and are copied into reusable memory. A copy that
-        # is stored gets its own.
+    def _copy(self, tensor: torch.Tensor, numel: int, keep: bool) -> int:
+        """Copy ``tensor`` (one ``_record`` does not make a row of) for the pending entries, stored if ``keep``:
+        its index in the copies."""
+        # A large tensor only reduced to statistics is reduced now (its version counter tells at the flush whether
+        # it is still what was reduced, should NaN/Inf need counting); inference tensors have no version counter
+        # and are copied into reusable memory. A copy that is stored gets its own.
         copy = None
-        if not keep and 0 < numel <= GROUP_MAX and tensor.dtype in ROW_DTYPES and type(tensor) in _PLAIN:
-            index = len(self._copies)
-            self._rows.copy(tensor.detach() if tensor.requires_grad else tensor, index)
-            self._copies.append(None)
-            self._pending_bytes += numel * tensor.element_size()
-            return index, note, keep
         if not keep and numel > GROUP_MAX and self._reduce_at_hook and not tensor.is_inference():
             self._reduced[len(self._copies)] = (*reduce_now(tensor), tensor._version)
             copy = tensor
@@ -699,7 +690,7 @@ class Capture:
             copy = (tensor.detach() if tensor.requires_grad else tensor).clone()
         self._copies.append(copy)
         self._pending_bytes += numel * copy.element_size()
-        return len(self._copies) - 1, note, keep
+        return len(self._copies) - 1
 
     def _flush(self) -> None:
         """Compute the pending entries' statistics (one read-back per device) and hand them to the writer."""
