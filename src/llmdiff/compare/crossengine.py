@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from llmdiff.compare.results import DIVERGED, FAILING, INCOMPLETE, MATCH, PASS, Culprit, EntryResult, Tokens
+from llmdiff.compare.results import DIVERGED, FAILING, INCOMPLETE, MATCH, MEASURED, Culprit, EntryResult, Tokens
 from llmdiff.compare.unshard import add_up, process_engine
 from llmdiff.engines import CANONICAL, canonical_sources
 from llmdiff.engines.canonical import Ref, Source, points
@@ -222,6 +222,8 @@ class CrossEngine:
     requests: list[dict[str, Any]]
     own_names: dict[str, tuple[str | None, str | None]]  # canonical module -> (golden's, target's) own module
     notes: list[str]
+    #: a side holds statistics only: a batched tensor's statistics cannot be split by request, so it pairs nothing
+    statistics_only: bool = False
 
 
 class _View:
@@ -336,9 +338,11 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
     what = "cross-engine compare" if names[0] != names[1] else f"{names[0]} runs batched differently"
     notes = [f"{what} ({names[0]} golden, {names[1]} target): canonical points paired by "
              "(request, position); a view's rank is the request"]
+    statistics_only = False
     for side in sides:
         unused = [e for e in side.dump.entries if (e.module, e.part, e.path) not in used]
         if unused and all(e.data is None for e in side.dump.entries):
+            statistics_only = True
             notes.append(f"{side.engine}: its {len(unused)} entries hold statistics only, and the statistics of a "
                          "batched tensor cannot be split by request: capture full tensors (mode tensor) to pair "
                          "runs that batched differently")
@@ -365,7 +369,7 @@ def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, st
     views = (unit_view.dump(unit_dump), other_view.dump(other_dump))
     owned = {m: ((g, t) if not flip else (t, g)) for m, (g, t) in own.items()}
     return CrossEngine(views[1] if flip else views[0], views[0] if flip else views[1],
-                       (names[0], names[1]), requests, owned, notes)
+                       (names[0], names[1]), requests, owned, notes, statistics_only)
 
 
 def _role(module: str) -> str:
@@ -474,7 +478,7 @@ def request_summaries(requests: Sequence[dict[str, Any]], entries: Sequence[Entr
         steps = [s for s in tokens.steps if s.rank == request]
         flip = next((s for s in steps if s.flip), None)
         culprit = next((c for c in culprits if c.confirmed and c.requests and request in c.requests), None)
-        points = sum(1 for e in mine if e.status == PASS or e.status in FAILING)
+        points = sum(1 for e in mine if e.status in MEASURED)
         verdict = (DIVERGED if failing or culprit or (flip is not None and not flip.near_tie)
                    else MATCH if points else INCOMPLETE)
         out.append({**info, "verdict": verdict, "points": points,

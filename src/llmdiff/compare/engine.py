@@ -30,6 +30,7 @@ from llmdiff.compare.results import (
     FAILING,
     INCOMPLETE,
     MATCH,
+    MEASURED,
     MISSING,
     MISSING_IN_GOLDEN,
     MISSING_IN_TARGET,
@@ -509,7 +510,7 @@ def conclude(p: Plan, entries: list[EntryResult]) -> Comparison:
     flip = tokens.first_flip
     departure = flip is not None and flip.get("near_tie") is not True
     paired = len(entries) - len(missing)
-    measured = sum(1 for e in entries if e.status == PASS or e.status in FAILING)
+    measured = sum(1 for e in entries if e.status in MEASURED)
     # a rank's evidence is missing (a side whose ranks share no whole tensor in the selection is not)
     unchecked = any(a["verdict"] == INCOMPLETE and a["compared"] for a in p.ranks_agree.values())
     if (missing and (not allow_missing or paired == 0)) or ((lost or unchecked) and not options.allow_missing):
@@ -595,7 +596,7 @@ def nothing_compared(p: Plan, entries: Sequence[EntryResult]) -> str:
     one_sided = bool(entries) and all(e.status in MISSING for e in entries)
     if filters and not entries:
         why = f"{' and '.join(filters)} selected none of the {sizes}"
-    elif p.cross is not None and any(all(e.data is None for e in d.entries) for d in p.viewed):
+    elif p.cross is not None and p.cross.statistics_only:
         why = ("a side holds statistics only, which cannot be split by request (capture full tensors, mode "
                "tensor, to pair runs that batched differently)")
     elif p.cross is not None and not entries:

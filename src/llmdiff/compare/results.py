@@ -19,6 +19,8 @@ NOT_COMPARABLE = "not_comparable"
 STATUSES = (PASS, FAIL, SHAPE_MISMATCH, MISSING_IN_GOLDEN, MISSING_IN_TARGET, TOKENS_DIFFER, NOT_COMPARABLE)
 FAILING = frozenset({FAIL, SHAPE_MISMATCH})
 MISSING = frozenset({MISSING_IN_GOLDEN, MISSING_IN_TARGET})
+#: statuses of entries whose values were compared, passing or not
+MEASURED = FAILING | {PASS}
 
 MATCH, DIVERGED, INCOMPLETE = "match", "diverged", "incomplete"
 
