@@ -312,6 +312,30 @@ def test_statistics_only_engine_runs_cannot_pair_by_request_and_say_so(cross, tm
     assert any(n.startswith("nothing was compared: a side holds statistics only") for n in notes), notes
 
 
+def test_an_engine_dump_cut_short_pairs_by_name_with_its_whole_run(cross, tmp_path):
+    # The same run, its dump cut after its third step (a crash, a torn copy): the steps both hold pair by
+    # module name, every entry (not only canonical points), and the steps it lost are listed as missing.
+    root, _, _ = cross
+    cut = tmp_path / "vllm-cut"
+    shutil.copytree(root / "vllm", cut)
+    (manifest,) = cut.glob("*/manifest.jsonl")
+    lines = manifest.read_text().splitlines(keepends=True)
+    steps_seen = 0
+    for n, line in enumerate(lines):
+        steps_seen += json.loads(line).get("kind") == "step"
+        if steps_seen == 3:
+            manifest.write_text("".join(lines[:n + 1]))
+            break
+    whole = llmdiff.open_dump(root / "vllm")
+    report = llmdiff.compare(root / "vllm", cut)
+    c = report.comparison
+    assert report.verdict == "incomplete" and c.settings["engines"] is None
+    passed = [e for e in c.entries if e.status == "pass"]
+    assert {e.step for e in passed} == {s.step for s in whole.steps[:3]} and all(e.error == 0.0 for e in passed)
+    assert len(passed) == sum(1 for e in whole.entries if e.step in {s.step for s in whole.steps[:3]})
+    assert {e.status for e in c.entries if e.step not in {s.step for s in whole.steps[:3]}} == {"missing_in_target"}
+
+
 def test_healthy_vllm_bfloat16_matches_within_the_bfloat16_budget(cross):
     root, _, _ = cross
     report = llmdiff.compare(root / "hf", root / "vllm-bf16")

@@ -274,11 +274,14 @@ def _own_shape(entries: list[Entry], source: Source) -> list[int]:
 
 
 def _same_schedule(golden: Dump, target: Dump) -> bool:
-    """Both runs fed the same tokens in the same steps (then entries pair by name, step by step)."""
+    """Both runs fed the same tokens in the same steps, as far as both go (then entries pair by name, step by
+    step): a run that stopped early, or a dump cut short, is the other's schedule up to where it ends."""
     def schedule(dump: Dump) -> list[Any]:
         return [(s.step, s.token_ids) for s in sorted(dump.steps, key=lambda s: (s.rank, s.step)) if s.rank == 0]
 
-    return schedule(golden) == schedule(target)
+    ours, theirs = schedule(golden), schedule(target)
+    both = min(len(ours), len(theirs))
+    return ours[:both] == theirs[:both]
 
 
 def cross_engine_views(golden: Dump, target: Dump, engines: tuple[str | None, str | None] = (None, None)
