@@ -229,3 +229,36 @@ def test_sigint_and_sigterm_are_passed_to_the_program(tmp_path):
         assert child.returncode == 0, err
         assert out.strip() == f"got {sig.name}"
         assert json.loads((tmp_path / sig.name / "run.json").read_text())["exit_code"] == 0
+
+
+
+@pytest.mark.parametrize("writing", [False, True])
+@pytest.mark.parametrize(("code", "status", "stderr"),
+                         [(7, 7, ""), (None, 0, ""), ("no such thing", 1, "no such thing")])
+def test_the_command_leaves_without_teardown_but_loses_nothing(tmp_path, code, status, stderr, writing):
+    # llmdiff.cli.leave ends the program without Python's teardown (a finalizer of a module's object does not
+    # run): exit handlers still run and buffered output still comes out; a thread still writing a file is
+    # waited for by a normal exit.
+    script = write_script(tmp_path / "leave.py", f"""
+        import atexit, threading, time
+        from pathlib import Path
+        from llmdiff.cli import leave
+        class Finalized:
+            def __del__(self):
+                print("torn down")
+        kept = Finalized()
+        atexit.register(lambda: print("exit handler ran"))
+        def late():
+            time.sleep(0.5)
+            Path(sys.argv[1]).write_text("written")
+        if {writing!r}:
+            threading.Thread(target=late).start()
+        print("printed before", end=" ")  # a pipe: held in Python's buffer until the exit
+        leave({code!r})
+        """)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "late.txt")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == status, done.stderr
+    assert done.stdout == "printed before exit handler ran\n" + ("torn down\n" if writing else "")
+    assert done.stderr.strip() == stderr
+    assert (tmp_path / "late.txt").exists() == writing

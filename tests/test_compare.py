@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -252,6 +253,21 @@ def test_cli_exit_codes_and_outputs(dumps, tmp_path):
     allclose = cli("compare", dumps["golden"], dumps["golden_again"], "--rtol", "0", "--atol", "0")
     assert allclose.returncode == 0
 
+
+
+@pytest.mark.parametrize(("target", "code"), [("bf16", 0), ("fp32_mlp", 1)])
+def test_a_reader_that_stops_reading_leaves_the_verdicts_exit_code(dumps, target, code):
+    # `llmdiff compare A B | head -1`, its reader gone before the first line is written: the exit code is
+    # still the verdict's (not 1 for every run, as rich's default has it, nor 0)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "llmdiff", "compare", str(dumps["golden"]), str(dumps[target])],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
 
 @pytest.mark.parametrize(("args", "message"), [
     (["nope", "nope2"], "llmdiff: error: nope: no such dump folder"),

@@ -1,3 +1,3 @@
-from llmdiff.cli import main
+from llmdiff.cli import entry_point
 
-main()
+entry_point()
