@@ -59,10 +59,10 @@ def test_ranks_write_their_own_folders(tmp_path):
         from llmdiff.testing import tiny_llama, generate
         generate(tiny_llama(), torch.tensor([[1, 2, 3]]), 1)
     """)
-    from llmdiff.capture.session import prepare_run_dir
     from llmdiff.config import make_config
+    from llmdiff.store.rundir import prepare_run_dir
 
-    prepare_run_dir(tmp_path / "run2", [], make_config())
+    prepare_run_dir(tmp_path / "run2", [], make_config().to_json())
     env_base = {**os.environ, "LLMDIFF_RUN_DIR": str(tmp_path / "run2"), "LLMDIFF_CONFIG": "{}"}
     children = [subprocess.Popen([sys.executable, str(script)], env={**env_base, "RANK": str(r), "WORLD_SIZE": "2"})
                 for r in (0, 1)]
@@ -262,3 +262,24 @@ def test_the_command_leaves_without_teardown_but_loses_nothing(tmp_path, code, s
     assert done.stdout == "printed before exit handler ran\n" + ("torn down\n" if writing else "")
     assert done.stderr.strip() == stderr
     assert (tmp_path / "late.txt").exists() == writing
+
+
+def test_the_command_starts_without_torch_and_the_api_finds_every_name(tmp_path):
+    # `llmdiff run` prepares the run folder and starts the program before importing torch (it used to take
+    # 1.3 s first here); `llmdiff --help` needs none. The API's names are found on first use.
+    probe = subprocess.run([sys.executable, "-c", "import sys, llmdiff.cli\nprint('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "False", probe.stderr
+    names = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import llmdiff, torch
+        from llmdiff import capture, compare
+        assert capture is llmdiff.capture and callable(capture) and compare is llmdiff.compare
+        from llmdiff.capture import session  # the subpackage does not take the function's name
+        assert llmdiff.capture is session.capture
+        print(sorted(n for n in llmdiff.__all__ if getattr(llmdiff, n) is None), dir(llmdiff) == llmdiff.__all__)
+        """)], capture_output=True, text=True, timeout=120)
+    assert names.stdout.strip() == "[] True", names.stderr
+    done = llmdiff_cli("run", "-o", tmp_path / "run", "--", sys.executable, "-c", "pass")
+    assert done.returncode == 0, done.stderr
+    versions = json.loads((tmp_path / "run" / "run.json").read_text())["versions"]
+    assert versions["torch"] == torch.__version__ and versions["llmdiff"] == llmdiff.__version__

@@ -8,17 +8,42 @@ The public API::
     dump = llmdiff.open_dump("runs/fp32")
     report = llmdiff.compare("runs/fp32", "runs/bf16")
     weights = llmdiff.compare_weights("model.gguf", "converted/")
+
+Each name is imported on first use: the ``llmdiff`` command starts without torch where it needs none
+(``llmdiff run`` prepares its run folder and starts the program before importing it).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The subpackage first: importing it later would bind ``llmdiff.capture`` to it, over the function below.
+import llmdiff.capture  # noqa: F401
 
 __version__ = "0.1.0"
 
-from llmdiff.api import compare, compare_weights
-from llmdiff.capture.seed import seed_all
-from llmdiff.capture.session import Capture, LlmdiffWarning, capture, save
-from llmdiff.config import CaptureConfig, make_config
-from llmdiff.errors import LlmdiffError
-from llmdiff.report.model import Report
-from llmdiff.store.reader import Dump, open_dump
+if TYPE_CHECKING:
+    from llmdiff.api import compare, compare_weights
+    from llmdiff.capture.seed import seed_all
+    from llmdiff.capture.session import Capture, LlmdiffWarning, capture, save
+    from llmdiff.config import CaptureConfig, make_config
+    from llmdiff.errors import LlmdiffError
+    from llmdiff.report.model import Report
+    from llmdiff.store.reader import Dump, open_dump
+
+#: each public name, and the module it lives in
+_HOMES = {
+    "compare": "llmdiff.api", "compare_weights": "llmdiff.api",
+    "seed_all": "llmdiff.capture.seed",
+    "Capture": "llmdiff.capture.session", "LlmdiffWarning": "llmdiff.capture.session",
+    "capture": "llmdiff.capture.session", "save": "llmdiff.capture.session",
+    "CaptureConfig": "llmdiff.config", "make_config": "llmdiff.config",
+    "LlmdiffError": "llmdiff.errors",
+    "Report": "llmdiff.report.model",
+    "Dump": "llmdiff.store.reader", "open_dump": "llmdiff.store.reader",
+}
+del globals()["capture"]  # the subpackage's name here: ``llmdiff.capture`` is the function
 
 __all__ = [
     "Capture",
@@ -36,3 +61,16 @@ __all__ = [
     "save",
     "seed_all",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'llmdiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # found here from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

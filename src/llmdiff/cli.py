@@ -82,8 +82,8 @@ def cli() -> None:
 def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...], **cli_options: Any) -> None:
     """Run COMMAND (a Python program, after '--') with capture on, child processes included."""
     from llmdiff.capture.autorun import CONFIG_ENV, RUN_DIR_ENV
-    from llmdiff.capture.session import finish_run_dir, new_run_dir, prepare_run_dir
     from llmdiff.config import config_from_mapping, is_vllm_config, load_config_file, vllm_config
+    from llmdiff.store.rundir import finish_run_dir, new_run_dir, prepare_run_dir
 
     options = load_config_file(config_file) if config_file else {}
     if is_vllm_config(options):  # vLLM's --intermediate-log-config: its defaults and its output folder
@@ -100,7 +100,7 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
     config = config_from_mapping(options, source=str(config_file or "options"))
     run_dir = run_dir or new_run_dir()
     _check_autorun_installed()
-    prepare_run_dir(run_dir, [sys.argv[0], *sys.argv[1:]], config)
+    prepare_run_dir(run_dir, [sys.argv[0], *sys.argv[1:]], config.to_json())
     env = {**os.environ, RUN_DIR_ENV: str(run_dir.resolve()), CONFIG_ENV: json.dumps(config.to_json())}
     try:
         child = subprocess.Popen(list(command), env=env)
@@ -109,14 +109,15 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
     previous = {sig: signal.signal(sig, lambda signum, frame: _pass_on(child, signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        # What the summary needs imports torch: while the program starts (on another core), not before it.
+        from llmdiff.store.reader import open_dump
+        from llmdiff.store.summary import summarize
+
         code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     finish_run_dir(run_dir, exit_code=code)
-    from llmdiff.store.reader import open_dump
-    from llmdiff.store.summary import summarize
-
     summary = summarize(open_dump(run_dir))
     err_console.print(f"llmdiff: {summary.entries} entries, {len(summary.steps)} steps, "
                       f"{len(summary.processes)} process(es) captured into {run_dir}")

@@ -13,8 +13,6 @@ session finds models by itself: a global pre-hook attaches to every module calle
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
 import platform
 import sys
@@ -43,6 +41,7 @@ from llmdiff.config import (
 )
 from llmdiff.engines import EngineSteps, engine_steps, resolve_model
 from llmdiff.errors import LlmdiffError
+from llmdiff.store.rundir import finish_run_dir, new_run_dir, now, prepare_run_dir, versions, write_json_atomic
 from llmdiff.store.schema import FORMAT, FORMAT_VERSION, PROCESS_FILE, RUN_FILE, StepRecord, stats_unknown
 from llmdiff.store.writer import DumpWriter, spare_cpu
 
@@ -68,69 +67,11 @@ def active_capture() -> Capture | None:
     return _active[-1] if _active else None
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the libraries that decide what a model computes."""
-    from llmdiff import __version__
-
-    transformers = sys.modules.get("transformers")
-    return {
-        "llmdiff": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": getattr(transformers, "__version__", None),
-    }
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _distributed_rank() -> int | None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return int(dist.get_rank())
     return int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else None
-
-
-def new_run_dir(base: Path = Path("llmdiff-runs")) -> Path:
-    """A run folder under ``base`` named by the time, not yet taken (``<time>-1``... when it is)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir, suffix = base / stamp, 1
-    while run_dir.exists():
-        run_dir, suffix = base / f"{stamp}-{suffix}", suffix + 1
-    return run_dir
-
-
-def prepare_run_dir(run_dir: Path, argv: list[str], config: CaptureConfig) -> None:
-    """Create a new run folder with its ``run.json``; refuse to reuse a non-empty one."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LlmdiffError(f"run dir {run_dir} exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise LlmdiffError(f"run dir {run_dir} already exists and is not empty; choose a new one "
-                           "(nothing was overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(run_dir / RUN_FILE, {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(), "end": None,
-        "argv": argv, "cwd": os.getcwd(), "host": platform.node(), "versions": versions(),
-        "config": config.to_json(),
-    })
-
-
-def finish_run_dir(run_dir: Path, **extra: Any) -> None:
-    """Stamp the end time (and e.g. an exit code) into ``run.json``."""
-    path = run_dir / RUN_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    data.update(end=_now(), **extra)
-    _write_json_atomic(path, data)
 
 
 class Capture:
@@ -220,8 +161,8 @@ class Capture:
             self._paused = False
         else:
             if self.owns_run_dir and not self._joins_distributed_run():
-                prepare_run_dir(self.run_dir, list(sys.argv), self.config)
-            self._start_time = _now()
+                prepare_run_dir(self.run_dir, list(sys.argv), self.config.to_json())
+            self._start_time = now()
         if self.model is not None:
             if hasattr(self.model, "_orig_mod"):
                 warnings.warn("llmdiff: this model is wrapped by torch.compile; module hooks do not fire inside "
@@ -290,7 +231,7 @@ class Capture:
                 self._writer.close()
         finally:
             if self.folder is not None:
-                self._write_process_file(end=_now())
+                self._write_process_file(end=now())
             if self.owns_run_dir and self.run_dir.joinpath(RUN_FILE).exists() and self.rank in (None, 0):
                 finish_run_dir(self.run_dir)
         # In zero-code capture most processes (an engine's front end, its scheduler) run no model at all.
@@ -758,7 +699,7 @@ class Capture:
 
     def _write_process_file(self, end: str | None) -> None:
         assert self.folder is not None
-        _write_json_atomic(self.folder / PROCESS_FILE, {
+        write_json_atomic(self.folder / PROCESS_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank, "pid": os.getpid(),
             "host": platform.node(), "argv": list(sys.argv), "models": self._models, "versions": versions(),
             "config": self.config.to_json(), "start": self._start_time, "end": end,
