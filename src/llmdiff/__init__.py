@@ -18,8 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# The subpackage first: importing it later would bind ``llmdiff.capture`` to it, over the function below.
-import llmdiff.capture  # noqa: F401
+# These subpackages first (they import nothing): importing one later would bind its name here, over the
+# function of that name (``llmdiff.capture``, ``llmdiff.compare``), which is then found by ``__getattr__``.
+import llmdiff.capture
+import llmdiff.compare  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -43,7 +45,7 @@ _HOMES = {
     "Report": "llmdiff.report.model",
     "Dump": "llmdiff.store.reader", "open_dump": "llmdiff.store.reader",
 }
-del globals()["capture"]  # the subpackage's name here: ``llmdiff.capture`` is the function
+del globals()["capture"], globals()["compare"]
 
 __all__ = [
     "Capture",
