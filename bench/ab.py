@@ -87,6 +87,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     import llmdiff
+    from llmdiff import capture  # imported before the clock starts (revisions since 2026-12-07 import it on first use)
 
     run, model, threads = workload(args.workload, args.tokens, args.model)
     torch.set_num_threads(threads)
@@ -100,7 +101,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
                 if name == "none":
                     run()
                 else:
-                    with llmdiff.capture(model, Path(work) / f"{name}-{rep}", steps="all", **MODES[name]):
+                    with capture(model, Path(work) / f"{name}-{rep}", steps="all", **MODES[name]):
                         run()  # stopping (draining the writer) is part of the cost
                 times[name].append(time.perf_counter() - start)
                 shutil.rmtree(Path(work) / f"{name}-{rep}", ignore_errors=True)

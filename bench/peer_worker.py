@@ -79,10 +79,10 @@ def main() -> None:
     workload()  # warm-up
     baseline = workload()
     if args.tool == "llmdiff":
-        import llmdiff  # imported before the clock starts, as msProbe's debugger is
+        from llmdiff import capture  # imported before the clock starts, as msProbe's debugger is
     start = time.perf_counter()
     if args.tool == "llmdiff":
-        with llmdiff.capture(model, out, steps="all", mode=args.mode, level=args.level):
+        with capture(model, out, steps="all", mode=args.mode, level=args.level):
             workload()
     elif args.tool == "msprobe":
         from msprobe.pytorch import PrecisionDebugger

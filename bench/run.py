@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-import llmdiff
+from llmdiff import capture
 from llmdiff.store.reader import open_dump
 
 ROOT = Path(__file__).resolve().parent
@@ -61,7 +61,7 @@ def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str
                     times[mode].append(timed_generate(model, ids, tokens))
                 continue
             run_dir = work / f"{mode}-{rep}"
-            session = llmdiff.capture(model, run_dir, steps="all", **CAPTURE_MODES[mode])
+            session = capture(model, run_dir, steps="all", **CAPTURE_MODES[mode])
             start = time.perf_counter()
             session.start()
             timed_generate(model, ids, tokens)
@@ -88,11 +88,11 @@ def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
     # VmHWM, not ru_maxrss: the latter survives exec and would report this (large) parent's peak.
     peak = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
     code = (
-        "import json, sys, time, llmdiff\n"
-        "t = time.perf_counter(); r = llmdiff.compare(sys.argv[1], sys.argv[2]); dt = time.perf_counter() - t\n"
+        "import json, sys, time\nfrom llmdiff import compare\n"
+        "t = time.perf_counter(); r = compare(sys.argv[1], sys.argv[2]); dt = time.perf_counter() - t\n"
         "print(json.dumps({'seconds': dt, 'verdict': r.verdict, 'entries': len(r.entries),\n"
         f"                  'peak_rss_mb': {peak}}}))\n")
-    base = f"import json, llmdiff\nprint(json.dumps({{'peak_rss_mb': {peak}}}))\n"
+    base = f"import json\nfrom llmdiff import compare\nprint(json.dumps({{'peak_rss_mb': {peak}}}))\n"
     out = json.loads(subprocess.check_output([sys.executable, "-c", code, str(golden), str(target)]))
     out["baseline_rss_mb"] = json.loads(subprocess.check_output([sys.executable, "-c", base]))["peak_rss_mb"]
     out["bytes"] = folder_bytes(golden) + folder_bytes(target)
@@ -116,7 +116,7 @@ def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out["cli_peak_rss_mb"] = float(done.stderr.strip().splitlines()[-1])
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, llmdiff.cli"], check=True)
+    subprocess.run([sys.executable, "-c", "import llmdiff.cli, llmdiff.api"], check=True)
     out["import_seconds"] = time.perf_counter() - start
     return out
 
@@ -152,12 +152,12 @@ def main() -> None:
             results["smollm2"] = capture_overhead(fp32, ids, args.tokens, args.reps, work / "smol")
             shutil.move(work / "smol" / "keep-tensor", work / "decode-fp32")
             bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-            with llmdiff.capture(bf16, work / "decode-bf16", steps="all"):
+            with capture(bf16, work / "decode-bf16", steps="all"):
                 timed_generate(bf16, ids, args.tokens)
             results["compare_decode"] = compare_in_subprocess(work / "decode-fp32", work / "decode-bf16")
             long_ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
             for name, model in (("prefill-fp32", fp32), ("prefill-bf16", bf16)):
-                with llmdiff.capture(model, work / name, steps="0"), torch.no_grad():
+                with capture(model, work / name, steps="0"), torch.no_grad():
                     model(long_ids)
             results["compare_prefill"] = compare_in_subprocess(work / "prefill-fp32", work / "prefill-bf16")
     finally:

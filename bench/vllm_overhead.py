@@ -22,7 +22,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import llmdiff
+from llmdiff import capture, open_dump
 
 PROMPTS = ["The capital of France is", "Tell me a story about a dragon who lived in a cave by the sea",
            "Explain in simple words how a refrigerator keeps food cold", "Write a haiku about autumn leaves"]
@@ -54,11 +54,11 @@ def main() -> None:
                 if capture_mode is None:
                     llm.generate(prompts, params, use_tqdm=False)
                 else:
-                    with llmdiff.capture(llm, run_dir, steps="all", mode=capture_mode):
+                    with capture(llm, run_dir, steps="all", mode=capture_mode):
                         llm.generate(prompts, params, use_tqdm=False)
                 times[mode].append(time.perf_counter() - start)
                 if capture_mode is not None:
-                    dump = llmdiff.open_dump(run_dir)
+                    dump = open_dump(run_dir)
                     files = sum(f.stat().st_size for f in run_dir.rglob("*") if f.is_file())
                     sizes[mode] = (len(dump.steps), len(dump.entries), files)
                     shutil.rmtree(run_dir)
