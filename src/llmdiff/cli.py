@@ -24,10 +24,8 @@ from rich.console import Console
 
 from llmdiff.errors import LlmdiffError
 
-# Piped output is not wrapped at 80 columns: tables stay one line per row in logs and files.
 #: The exit code of an unexpected error inside llmdiff (never 1, which means "diverged").
 INTERNAL_ERROR = 3
-
 
 
 class _Console(Console):
@@ -41,6 +39,7 @@ class _Console(Console):
         os.dup2(os.open(os.devnull, os.O_WRONLY), self.file.fileno())
 
 
+# Piped output is not wrapped at 80 columns: tables stay one line per row in logs and files.
 console = _Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = _Console(stderr=True, highlight=False)
 
