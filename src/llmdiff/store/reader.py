@@ -16,9 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from llmdiff.errors import DumpError
@@ -33,6 +32,9 @@ from llmdiff.store.schema import (
     StepRecord,
     decode_line,
 )
+
+if TYPE_CHECKING:  # imported where a tensor is read: opening a dump, `llmdiff show`, needs no torch
+    import torch
 
 #: Shards kept open or in memory at once, and the bytes of those read whole (least recently used go first).
 OPEN_SHARDS = 64
@@ -180,10 +182,10 @@ def read_json_file(path: Path, problems: list[str], root: Path) -> dict[str, Any
     return data
 
 
-#: safetensors' dtype names (what its header holds) for the dtypes llmdiff writes
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64, "C128": torch.complex128}
+#: safetensors' dtype names (what its header holds) for the dtypes llmdiff writes, as torch's names them
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "C64": "complex64", "C128": "complex128"}
 
 
 class _Shard:
@@ -200,10 +202,13 @@ class _Shard:
         self._base = 8 + length
 
     def get_tensor(self, key: str) -> torch.Tensor:
+        import torch
+
         info = self._header.get(key) if key != "__metadata__" else None
         if not isinstance(info, dict):
             raise KeyError(key)
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype", ""))
+        name = _SAFETENSORS_DTYPES.get(info.get("dtype", ""))
+        dtype = getattr(torch, name) if name is not None else None
         if dtype is None:  # a dtype llmdiff does not write (float8...): safetensors reads it
             self._fallback = self._fallback or safe_open(str(self._path), framework="pt")
             tensor: torch.Tensor = self._fallback.get_tensor(key)
@@ -229,6 +234,8 @@ class _WholeShard(_Shard):
         self._read_header(self._bytes[:8 + int.from_bytes(self._bytes[:8], "little")])
 
     def _data(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
         if end > len(self._bytes):
             raise ValueError("the shard is shorter than its header says")
         return torch.frombuffer(self._bytes, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
@@ -256,6 +263,8 @@ class _LargeShard(_Shard):
         self._read_header(head + self._file.read(int.from_bytes(head, "little")))
 
     def _data(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
         fd = self._file.fileno()
         if end - start >= MAP_BYTES and start % dtype.itemsize == 0 and hasattr(mmap, "MAP_PRIVATE"):
             # A mapped page past the end of the file would be a SIGBUS on access, not an error: check first.
@@ -280,7 +289,7 @@ def _shard_readable(file: Path, root: Path) -> bool:
     if not (inside(file, root) and file.is_file()):
         return False
     try:  # the header names every tensor's byte range; a truncated shard fails here
-        with safe_open(str(file), framework="pt") as handle:
+        with safe_open(str(file), framework="numpy") as handle:  # "pt" would import torch
             handle.keys()
         return True
     except (OSError, SafetensorError, ValueError):
