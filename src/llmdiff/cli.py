@@ -108,7 +108,7 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
     previous = {sig: signal.signal(sig, lambda signum, frame: _pass_on(child, signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        # What the summary needs imports torch: while the program starts (on another core), not before it.
+        # What the summary needs (no torch: this process never imports it) loads while the program starts.
         from llmdiff.store.reader import open_dump
         from llmdiff.store.summary import summarize
 
