@@ -281,7 +281,7 @@ def test_the_command_starts_without_torch_and_the_api_finds_every_name(tmp_path)
         from llmdiff.capture import session
         assert capture is llmdiff.capture is session.capture and compare is llmdiff.compare
         print(sorted(n for n in llmdiff.__all__ if isinstance(getattr(llmdiff, n), (types.ModuleType, type(None)))),
-              dir(llmdiff) == llmdiff.__all__)
+              dir(llmdiff) == llmdiff.__all__ and set(llmdiff.__all__) == {*llmdiff._HOMES, "__version__"})
         """)], capture_output=True, text=True, timeout=120)
     assert names.stdout.strip() == "[] True", names.stderr
     done = llmdiff_cli("run", "-o", tmp_path / "run", "--", sys.executable, "-c", "pass")

@@ -9,8 +9,8 @@ The public API::
     report = llmdiff.compare("runs/fp32", "runs/bf16")
     weights = llmdiff.compare_weights("model.gguf", "converted/")
 
-Each name is imported on first use: the ``llmdiff`` command starts without torch where it needs none
-(``llmdiff run`` prepares its run folder and starts the program before importing it).
+Each name is imported on first use: the ``llmdiff`` command imports torch only where it needs it
+(``compare``; not ``--help``, ``show`` or ``run``'s own process).
 """
 
 from __future__ import annotations

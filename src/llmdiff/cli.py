@@ -108,15 +108,14 @@ def run(run_dir: Path | None, config_file: Path | None, command: tuple[str, ...]
     previous = {sig: signal.signal(sig, lambda signum, frame: _pass_on(child, signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        # What the summary needs (no torch: this process never imports it) loads while the program starts.
-        from llmdiff.store.reader import open_dump
-        from llmdiff.store.summary import summarize
-
         code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     finish_run_dir(run_dir, exit_code=code)
+    from llmdiff.store.reader import open_dump  # reads manifests without torch: this process never imports it
+    from llmdiff.store.summary import summarize
+
     summary = summarize(open_dump(run_dir))
     err_console.print(f"llmdiff: {summary.entries} entries, {len(summary.steps)} steps, "
                       f"{len(summary.processes)} process(es) captured into {run_dir}")
