@@ -79,12 +79,17 @@ def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str
                     sizes["tensor_shard_bytes"] = sum(p.stat().st_size for p in run_dir.rglob("*.safetensors"))
                     sizes["tensor_unique_stored"] = len(unique)
                     shutil.copytree(run_dir, work / "keep-tensor", dirs_exist_ok=True)
+                if mode == "stats":
+                    shutil.copytree(run_dir, work / "keep-stats", dirs_exist_ok=True)
             shutil.rmtree(run_dir)
     medians = {mode: statistics.median(v) for mode, v in times.items()}
     return {"median_s": medians, "min_s": {mode: min(v) for mode, v in times.items()}, **sizes}
 
 
-def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
+def compare_in_subprocess(golden: Path, target: Path, imports: str = "llmdiff.cli, llmdiff.api, torch"
+                          ) -> dict[str, float]:
+    """The compare in one process and as the command, timed; ``imports`` are what the command imports before
+    it reads anything (a compare of statistics dumps never imports torch)."""
     # VmHWM, not ru_maxrss: the latter survives exec and would report this (large) parent's peak.
     peak = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
     code = (
@@ -116,8 +121,9 @@ def compare_in_subprocess(golden: Path, target: Path) -> dict[str, float]:
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out["cli_peak_rss_mb"] = float(done.stderr.strip().splitlines()[-1])
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import llmdiff.cli, llmdiff.api"], check=True)
+    subprocess.run([sys.executable, "-c", f"import {imports}"], check=True)
     out["import_seconds"] = time.perf_counter() - start
+    out["imports"] = imports
     return out
 
 
@@ -151,10 +157,15 @@ def main() -> None:
             fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             results["smollm2"] = capture_overhead(fp32, ids, args.tokens, args.reps, work / "smol")
             shutil.move(work / "smol" / "keep-tensor", work / "decode-fp32")
+            shutil.move(work / "smol" / "keep-stats", work / "stats-fp32")
             bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
             with capture(bf16, work / "decode-bf16", steps="all"):
                 timed_generate(bf16, ids, args.tokens)
             results["compare_decode"] = compare_in_subprocess(work / "decode-fp32", work / "decode-bf16")
+            with capture(bf16, work / "stats-bf16", steps="all", mode="stats"):
+                timed_generate(bf16, ids, args.tokens)
+            results["compare_stats"] = compare_in_subprocess(work / "stats-fp32", work / "stats-bf16",
+                                                             imports="llmdiff.cli, llmdiff.api")
             long_ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
             for name, model in (("prefill-fp32", fp32), ("prefill-bf16", bf16)):
                 with capture(model, work / name, steps="0"), torch.no_grad():
@@ -192,7 +203,7 @@ def report(results: dict) -> None:
               f"in {r['tensor_shard_bytes'] / 1e6:.1f} MB of shards "
               f"({r['tensor_shard_bytes'] / r['tensor_bytes_unique']:.3f}x); "
               f"all files {r['tensor_disk'] / 1e6:.1f} MB")
-    for name in ("compare_decode", "compare_prefill"):
+    for name in ("compare_decode", "compare_prefill", "compare_stats"):
         c = results.get(name)
         if c:
             print(f"\n{name}: {c['bytes'] / 1e6:.0f} MB of dumps, {c['entries']} entries in {c['seconds']:.2f}s = "
@@ -200,10 +211,14 @@ def report(results: dict) -> None:
                   f"(baseline after import {c['baseline_rss_mb']:.0f} MB)")
             print(f"  `llmdiff compare` command, process start included: {c['cli_seconds']:.2f}s = "
                   f"{c['bytes'] / c['cli_seconds'] / 1e9:.3f} GB/s, of which {c['import_seconds']:.2f}s is "
-                  f"starting Python and importing torch; peak RSS {c['cli_peak_rss_mb']:.0f} MB")
+                  f"starting Python and importing {_imported(c)}; peak RSS {c['cli_peak_rss_mb']:.0f} MB")
             if "cli_json_seconds" in c:
                 print(f"  the same command writing a JSON report (-o report.json): {c['cli_json_seconds']:.2f}s")
     goals(results)
+
+
+def _imported(c: dict) -> str:
+    return "torch" if "torch" in c.get("imports", "torch") else "llmdiff (no torch: statistics only)"
 
 
 #: Issue 13's goals: capture overhead on SmolLM2 decode (ratio to no capture), compare throughput (GB/s of both

@@ -3,13 +3,14 @@ import math
 import pytest
 import torch
 
+from llmdiff.compare import kernels as K
 from llmdiff.compare import metrics as M
 from llmdiff.compare.tolerance import Tolerance, lower_precision, parse_thresholds
 from llmdiff.errors import UsageError
 
 
 def pair(a, b, rtol=0.0, atol=0.0):
-    return M.pair_stats(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), rtol, atol)
+    return K.pair_stats(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), rtol, atol)
 
 
 def test_basic_metrics():
@@ -53,26 +54,26 @@ def test_nonfinite_positions():
 def test_kl_is_per_position_over_the_vocabulary():
     g = torch.tensor([[[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]])
     t = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]]])
-    kl = M.kl_per_position(g, t)
+    kl = K.kl_per_position(g, t)
     assert kl.shape == (2,)
     assert kl[0] == pytest.approx(0.0, abs=1e-12)
     p = torch.softmax(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64), 0)
     q = torch.softmax(torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64), 0)
     assert kl[1] == pytest.approx(float((p * (p / q).log()).sum()))
-    summary = M.logits_metrics(g, t)
+    summary = K.logits_metrics(g, t)
     assert summary["top1_agree"] == 0.5 and summary["golden_token"] == 0 and summary["target_token"] == 1
     assert summary["golden_margin"] == pytest.approx(5.0)
 
 
 def test_bf16_inputs_are_upcast_and_large_tensors_stream_in_chunks(monkeypatch):
     g = torch.tensor([1.0, 2.0, 3.0])
-    assert M.rel_l2(M.pair_stats(g, g.to(torch.bfloat16))) == 0.0
+    assert M.rel_l2(K.pair_stats(g, g.to(torch.bfloat16))) == 0.0
     torch.manual_seed(0)
     big_g = torch.randn(10_000)
     big_t = big_g + 1e-3 * torch.randn(10_000)
-    whole = M.pair_stats(big_g, big_t, rtol=1e-3, atol=1e-4)
-    monkeypatch.setattr(M, "CHUNK", 777)
-    chunked = M.pair_stats(big_g, big_t, rtol=1e-3, atol=1e-4)
+    whole = K.pair_stats(big_g, big_t, rtol=1e-3, atol=1e-4)
+    monkeypatch.setattr(K, "CHUNK", 777)
+    chunked = K.pair_stats(big_g, big_t, rtol=1e-3, atol=1e-4)
     for name, metric in M.TENSOR_METRICS.items():
         assert metric(chunked) == pytest.approx(metric(whole), rel=1e-9), name
     assert chunked.mismatches == whole.mismatches
@@ -102,7 +103,7 @@ def test_batched_pair_stats_equal_one_by_one(block, monkeypatch):
     """Small pairs are measured together in the compare engine: every statistic must equal the reference's,
     whether a group is measured at once or in blocks of rows."""
     if block is not None:
-        monkeypatch.setattr(M, "GROUP_BLOCK", block)
+        monkeypatch.setattr(K, "GROUP_BLOCK", block)
     torch.manual_seed(0)
     shapes = [(1, 6, 64), (64,), (1, 1, 128), (3, 4, 5), (1,), (2, 2), (1, 6, 16), (0,), (7,)]
     pairs = []
@@ -121,7 +122,7 @@ def test_batched_pair_stats_equal_one_by_one(block, monkeypatch):
         if k == 19:
             g, t = torch.zeros(3, 4), torch.ones(3, 4)
         pairs.append((g, t, 1e-3 * (k % 2), 1e-5))
-    for i, (one, batched) in enumerate(zip([M.reference_pair_stats(*p) for p in pairs], M.pair_stats_batch(pairs),
+    for i, (one, batched) in enumerate(zip([K.reference_pair_stats(*p) for p in pairs], K.pair_stats_batch(pairs),
                                                 strict=True)):
         for name in ("n", "gg", "tt", "gt", "dd", "max_abs", "sum_abs", "max_rel", "mismatches",
                      "nonfinite_mismatch", "worst_row_rel_l2", "rel_above"):
@@ -135,11 +136,11 @@ def test_fused_pair_stats_equal_the_reference_path(monkeypatch):
     torch.manual_seed(0)
     cases = [torch.randn(1, 300, 576), torch.randn(2, 7, 1000) * 1e-20, torch.randn(200_000, dtype=torch.float64),
              torch.randn(40_000) + 100.0, torch.zeros(3, 5000), torch.randn(1, 3, 49152)]
-    monkeypatch.setattr(M, "FUSED_CHUNK", 20_000)  # several chunks, rows kept whole
+    monkeypatch.setattr(K, "FUSED_CHUNK", 20_000)  # several chunks, rows kept whole
     for k, g in enumerate(cases):
         for t in ((g + 1e-3 * torch.randn_like(g)).to(torch.bfloat16), g + 1e-6 * torch.randn_like(g), g.clone()):
             for rtol, atol in ((0.0, 0.0), (1e-3, 1e-5)):
-                fused, ref = M.fused_pair_stats(g, t, rtol, atol), M.reference_pair_stats(g, t, rtol, atol)
+                fused, ref = K.fused_pair_stats(g, t, rtol, atol), K.reference_pair_stats(g, t, rtol, atol)
                 assert fused is not None
                 for name in ("n", "gg", "tt", "gt", "dd", "max_abs", "sum_abs", "max_rel", "worst_row_rel_l2"):
                     a, b = getattr(ref, name), getattr(fused, name)
@@ -153,22 +154,22 @@ def test_fused_pair_stats_equal_the_reference_path(monkeypatch):
     huge = torch.randn(100)
     huge[0] = 3e38
     for g, t in ((nan, nan.clone()), (torch.randn(100), nan), (huge, huge.clone()), (torch.empty(0), torch.empty(0))):
-        assert M.fused_pair_stats(g, t) is None  # the reference path takes these
-        M.pair_stats(g, t)
+        assert K.fused_pair_stats(g, t) is None  # the reference path takes these
+        K.pair_stats(g, t)
 
 
 def test_logits_metrics_in_one_pass_equal_the_per_position_functions(monkeypatch):
     torch.manual_seed(1)
     g = torch.randn(1, 150, 300)
     t = (g + 0.05 * torch.randn_like(g)).to(torch.bfloat16)
-    monkeypatch.setattr(M, "LOGIT_BLOCK", 64 * 300)  # blocks of 64 positions: three, the last one short
-    summary = M.logits_metrics(g, t)
-    kl = M.kl_per_position(g, t)
-    diff = M.logprob_diff_per_position(g, t, M.top1_per_position(t))
+    monkeypatch.setattr(K, "LOGIT_BLOCK", 64 * 300)  # blocks of 64 positions: three, the last one short
+    summary = K.logits_metrics(g, t)
+    kl = K.kl_per_position(g, t)
+    diff = K.logprob_diff_per_position(g, t, K.top1_per_position(t))
     assert summary["kl"] == pytest.approx(float(kl.mean()), rel=1e-12)
     assert summary["kl_max"] == pytest.approx(float(kl.max()), rel=1e-12)
     assert summary["logprob_diff_max"] == pytest.approx(float(diff.max()), rel=1e-12)
     assert summary["logprob_diff_mean"] == pytest.approx(float(diff.mean()), rel=1e-12)
-    agree = (M.top1_per_position(g) == M.top1_per_position(t)).double().mean()
+    agree = (K.top1_per_position(g) == K.top1_per_position(t)).double().mean()
     assert summary["top1_agree"] == pytest.approx(float(agree))
-    assert summary["golden_margin"] == pytest.approx(float(M.top1_margin_per_position(g)[-1]))
+    assert summary["golden_margin"] == pytest.approx(float(K.top1_margin_per_position(g)[-1]))

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmdiff.compare.results import DIVERGED, FAILING, INCOMPLETE, MATCH, MEASURED, Culprit, EntryResult, Tokens
 from llmdiff.compare.unshard import add_up, process_engine
@@ -30,6 +28,9 @@ from llmdiff.engines.canonical import Ref, Source, points
 from llmdiff.errors import DumpError
 from llmdiff.store.reader import Dump, ProcessDump
 from llmdiff.store.schema import Entry, StepRecord
+
+if TYPE_CHECKING:
+    import torch
 
 ENGINES = tuple(CANONICAL)
 
@@ -87,6 +88,8 @@ class _Side:
         if source.transform == "sum":
             return add_up(loaded)
         if source.transform == "split":
+            import torch  # here and in load, not at the top: a comparison of statistics imports no torch
+
             return torch.split(loaded[0], list(source.sizes), dim=-1)[source.index]
         return loaded[0]
 
@@ -258,7 +261,11 @@ class _View:
             if batch is not None:  # [batch, seq, ...]: this request's row of the batch
                 tensor = tensor[batch] if tensor.dim() >= 2 else tensor
             chunks.append(tensor[rows])
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        if len(chunks) == 1:
+            return chunks[0]
+        import torch
+
+        return torch.cat(chunks)
 
     def dump(self, base: Dump) -> Dump:
         proc = ProcessDump(base.path, {"format": base.format, "view": "canonical"}, self.entries,

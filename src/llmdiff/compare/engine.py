@@ -15,15 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from llmdiff.capture.stats import tensor_stats
 from llmdiff.compare.align import EntryPair, Mapping, align, squeezed_shape
 from llmdiff.compare.crossengine import CrossEngine, cross_engine_views, merge_request_culprits, request_summaries
 from llmdiff.compare.localize import analyze_tokens, find_culprits, first_divergence
-from llmdiff.compare.metrics import BATCH_MAX, TENSOR_METRICS, PairStats, logits_metrics, pair_stats, pair_stats_batch
+from llmdiff.compare.metrics import TENSOR_METRICS, PairStats
 from llmdiff.compare.results import (
     DIVERGED,
     FAIL,
@@ -48,10 +45,13 @@ from llmdiff.errors import LlmdiffError, UsageError
 from llmdiff.store.reader import DATA_MISSING, Dump
 from llmdiff.store.schema import Entry, stats_unknown
 
+if TYPE_CHECKING:
+    import torch
+
 Shards = tuple[tuple[int, int, int], ...] | None  # Entry.shards: (rank, first column, end)
 
 #: A user metric: ``func(golden, target) -> float`` or ``-> (float, message)`` (msIT's signature).
-Algorithm = Callable[[torch.Tensor, torch.Tensor], Any]
+Algorithm = Callable[["torch.Tensor", "torch.Tensor"], Any]
 Progress = Callable[[int, int], None]
 
 #: The metrics reports show by default (``--metric`` picks others; every metric is in JSON and CSV).
@@ -155,6 +155,8 @@ class _Comparer:
         chunk = _Chunk()
         out = [self.result(i, pairs[i], tokens_differ, chunk) for i in indices]
         if chunk.deferred:
+            from llmdiff.compare.kernels import pair_stats_batch
+
             batch = pair_stats_batch([(d.golden, d.target, d.rtol, d.atol) for d in chunk.deferred])
             for d, stats in zip(chunk.deferred, batch, strict=True):
                 self._judge_tensors(d.result, d.golden, d.target, d.dtype, stats, d.shards)
@@ -207,8 +209,8 @@ class _Comparer:
             result.reason = (g.note if stats_unknown(g.stats) else t.note) or "statistics unknown"
             return result
         elif (g.stats or g.data) and (t.stats or t.data):  # statistics on one side at least
-            self._compare_stats(result, g.stats or tensor_stats(self.golden.load(g)),
-                                t.stats or tensor_stats(self.target.load(t)), dtype)
+            self._compare_stats(result, g.stats or _tensor_stats(self.golden, g),
+                                t.stats or _tensor_stats(self.target, t), dtype)
         else:
             result.status, result.kind = NOT_COMPARABLE, "none"
             result.reason = g.note or t.note or "no data or statistics on one side"
@@ -221,6 +223,10 @@ class _Comparer:
 
     def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str,
                          deferred: list[_Deferred]) -> None:
+        import torch  # here, not at the top: comparing statistics needs no tensor arithmetic
+
+        from llmdiff.compare.kernels import BATCH_MAX, pair_stats
+
         golden = self.golden.load(g)
         target = self.target.load(t)
         if golden.shape != target.shape:
@@ -247,6 +253,8 @@ class _Comparer:
         metrics["mismatches"] = stats.mismatches
         metrics["nonfinite_mismatch"] = stats.nonfinite_mismatch
         if result.logits:
+            from llmdiff.compare.kernels import logits_metrics
+
             metrics.update(logits_metrics(golden, target))
         for name, func in self.options.algorithms.items():
             metrics[name] = _run_algorithm(name, func, golden, target)
@@ -296,6 +304,14 @@ class _Comparer:
         ok, reason = self.options.tolerance.judge(metrics, dtype)
         if not ok:
             result.status, result.reason = FAIL, reason
+
+
+def _tensor_stats(dump: Dump, entry: Entry) -> dict[str, Any]:
+    """The statistics a capture would have recorded of a stored tensor (to compare it with a side that holds
+    statistics only)."""
+    from llmdiff.capture.stats import tensor_stats  # imports torch: only for a tensor, not for two statistics
+
+    return tensor_stats(dump.load(entry))
 
 
 def _copy_measurement(result: EntryResult, source: EntryResult) -> None:

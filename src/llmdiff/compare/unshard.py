@@ -22,14 +22,15 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmdiff.compare.results import Culprit, EntryResult
 from llmdiff.engines import Shard, shard_of
 from llmdiff.store.reader import DATA_MISSING, Dump, ProcessDump
 from llmdiff.store.schema import Entry
+
+if TYPE_CHECKING:
+    import torch
 
 Key = tuple[int, str, int, str, str]  # step, module, call, part, path
 
@@ -99,6 +100,8 @@ class Unsharded:
 
 def add_up(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sum of same-shaped tensors, accumulated in float64, in the first one's dtype."""
+    import torch  # here and below, not at the top: a comparison of statistics imports no torch
+
     total = tensors[0].to(torch.float64) if tensors[0].is_floating_point() else tensors[0]
     for t in tensors[1:]:
         total = total + t
@@ -108,6 +111,8 @@ def add_up(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def _assemble(tensors: list[torch.Tensor], shards: list[Shard]) -> torch.Tensor:
     if shards[0].combine == "sum":
         return add_up(tensors)
+    import torch
+
     pieces = [torch.split(t, list(s.widths), dim=-1) for t, s in zip(tensors, shards, strict=True)]
     return torch.cat([p[j] for j in range(len(shards[0].widths)) for p in pieces], dim=-1)
 
@@ -224,6 +229,8 @@ def across_ranks(dump: Dump) -> tuple[Dump, Dump] | None:
 def rank_errors(golden: torch.Tensor, target: torch.Tensor, shards: Sequence[tuple[int, int, int]]
                 ) -> dict[int, float]:
     """Relative L2 error of each rank's columns of a reassembled tensor (all of a rank's slices together)."""
+    import torch
+
     diff2: dict[int, float] = {}
     ref2: dict[int, float] = {}
     g = golden.to(torch.float64).reshape(-1, golden.shape[-1]) if golden.dim() else golden.to(torch.float64)

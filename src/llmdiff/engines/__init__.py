@@ -20,9 +20,9 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
-
 if TYPE_CHECKING:
+    from torch import nn
+
     from llmdiff.capture.session import Capture
     from llmdiff.engines.canonical import Source
 
@@ -74,6 +74,8 @@ class EngineSteps(Protocol):
 
 def resolve_model(obj: Any) -> tuple[nn.Module | None, Any]:
     """The module to hook for ``obj`` and a hint for its engine module (``obj`` itself when it is a module)."""
+    from torch import nn  # here, not at the top: the compare of statistics dumps asks this package, without torch
+
     if obj is None or isinstance(obj, nn.Module):
         return obj, None
     from llmdiff.engines import vllm

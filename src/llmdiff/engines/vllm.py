@@ -24,13 +24,12 @@ import warnings
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from llmdiff.engines import Shard
 from llmdiff.engines.canonical import LOGITS, Ref, Source, fused_projections, fused_sizes, one
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from llmdiff.capture.session import Capture
 
 #: What the model config says about shapes, kept so a later compare can split fused projections.
@@ -213,6 +212,8 @@ class VllmSteps:
 
 
 def _int_list(value: Any) -> list[int] | None:
+    import torch  # here, not at the top: a compare asks this module for canonical points and shards, without torch
+
     if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() == 1:
         return [int(v) for v in value.tolist()]
     return None
