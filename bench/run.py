@@ -86,18 +86,19 @@ def capture_overhead(model, ids, tokens: int, reps: int, work: Path) -> dict[str
     return {"median_s": medians, "min_s": {mode: min(v) for mode, v in times.items()}, **sizes}
 
 
-def compare_in_subprocess(golden: Path, target: Path, imports: str = "llmdiff.cli, llmdiff.api, torch"
+def compare_in_subprocess(golden: Path, target: Path, imports: str = "llmdiff.cli, llmdiff.api, llmdiff.compare.kernels"
                           ) -> dict[str, float]:
-    """The compare in one process and as the command, timed; ``imports`` are what the command imports before
-    it reads anything (a compare of statistics dumps never imports torch)."""
+    """The compare in one process and as the command, timed. ``imports`` is what the command imports in all (a
+    compare of statistics dumps never imports torch): imported before the clock starts in the one-process
+    measure, so that it times the compare's own work, and timed alone as the command's start-up."""
     # VmHWM, not ru_maxrss: the latter survives exec and would report this (large) parent's peak.
     peak = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
     code = (
-        "import json, sys, time\nfrom llmdiff import compare\n"
+        f"import json, sys, time\nimport {imports}\nfrom llmdiff import compare\n"
         "t = time.perf_counter(); r = compare(sys.argv[1], sys.argv[2]); dt = time.perf_counter() - t\n"
         "print(json.dumps({'seconds': dt, 'verdict': r.verdict, 'entries': len(r.entries),\n"
         f"                  'peak_rss_mb': {peak}}}))\n")
-    base = f"import json\nfrom llmdiff import compare\nprint(json.dumps({{'peak_rss_mb': {peak}}}))\n"
+    base = f"import json\nimport {imports}\nprint(json.dumps({{'peak_rss_mb': {peak}}}))\n"
     out = json.loads(subprocess.check_output([sys.executable, "-c", code, str(golden), str(target)]))
     out["baseline_rss_mb"] = json.loads(subprocess.check_output([sys.executable, "-c", base]))["peak_rss_mb"]
     out["bytes"] = folder_bytes(golden) + folder_bytes(target)
@@ -218,7 +219,7 @@ def report(results: dict) -> None:
 
 
 def _imported(c: dict) -> str:
-    return "torch" if "torch" in c.get("imports", "torch") else "llmdiff (no torch: statistics only)"
+    return "torch" if "kernels" in c.get("imports", "kernels") else "llmdiff (no torch: statistics only)"
 
 
 #: Issue 13's goals: capture overhead on SmolLM2 decode (ratio to no capture), compare throughput (GB/s of both
