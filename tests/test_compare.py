@@ -345,6 +345,7 @@ def test_json_report_holds_what_dataclass_conversion_gives(dumps, tmp_path):
     written = json.loads(text)["entries"]
     assert written == json.loads(json.dumps(expected))
     assert written[0]["metrics"]["cosine"] == "nan" and written[2]["rank_errors"] == {"0": 1e-7, "1": "nan"}
+    assert (written[1]["error"], written[1]["budget"]) == ("inf", "-inf")  # fields left as they are unless not finite
     assert sum(line.startswith('  {"index":') for line in text.splitlines()) == len(entries)  # one line each
 
 
