@@ -347,6 +347,10 @@ def test_json_report_holds_what_dataclass_conversion_gives(dumps, tmp_path):
     assert written[0]["metrics"]["cosine"] == "nan" and written[2]["rank_errors"] == {"0": 1e-7, "1": "nan"}
     assert (written[1]["error"], written[1]["budget"]) == ("inf", "-inf")  # fields left as they are unless not finite
     assert sum(line.startswith('  {"index":') for line in text.splitlines()) == len(entries)  # one line each
+    report.save(tmp_path / "r.csv")  # written from the fields themselves: the same spelling of NaN and Inf
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text(errors="surrogateescape"))))
+    assert rows[0]["cosine"] == "nan" and (rows[1]["error"], rows[1]["budget"]) == ("inf", "-inf")
+    assert rows[0]["golden_shape"] == "x".join(map(str, entries[0].golden_shape))
 
 
 @pytest.mark.parametrize("rich_rows", [500, 3])
