@@ -46,7 +46,6 @@ class PairStats:
     worst_row_rel_l2: float = 0.0
 
 
-
 Metric = Callable[[PairStats], float]
 
 
