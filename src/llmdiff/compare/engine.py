@@ -13,8 +13,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from llmdiff.compare.align import EntryPair, Mapping, align, squeezed_shape
@@ -149,15 +150,21 @@ class _Comparer:
         self.run_dtype = run_dtype(golden, target)
         self._measured: dict[tuple[Any, ...], EntryResult] = {}  # by the stored tensors measured
 
+    @cached_property
+    def kernels(self) -> ModuleType:
+        """:mod:`llmdiff.compare.kernels`, imported with the first pair of tensors (it imports torch; comparing
+        statistics needs none of it). Held here: importing names at each pair cost 1.3 µs a pair."""
+        from llmdiff.compare import kernels
+
+        return kernels
+
     def results(self, indices: range, pairs: Sequence[EntryPair],
                 tokens_differ: set[tuple[int, int]]) -> list[EntryResult]:
         """Results of ``pairs[i]`` for ``i`` in ``indices``; small float pairs are measured together."""
         chunk = _Chunk()
         out = [self.result(i, pairs[i], tokens_differ, chunk) for i in indices]
         if chunk.deferred:
-            from llmdiff.compare.kernels import pair_stats_batch
-
-            batch = pair_stats_batch([(d.golden, d.target, d.rtol, d.atol) for d in chunk.deferred])
+            batch = self.kernels.pair_stats_batch([(d.golden, d.target, d.rtol, d.atol) for d in chunk.deferred])
             for d, stats in zip(chunk.deferred, batch, strict=True):
                 self._judge_tensors(d.result, d.golden, d.target, d.dtype, stats, d.shards)
         for result, source in chunk.copies:
@@ -223,15 +230,13 @@ class _Comparer:
 
     def _compare_tensors(self, result: EntryResult, g: Entry, t: Entry, dtype: str,
                          deferred: list[_Deferred]) -> None:
-        import torch  # here, not at the top: comparing statistics needs no tensor arithmetic
-
-        from llmdiff.compare.kernels import BATCH_MAX, pair_stats
-
         golden = self.golden.load(g)
         target = self.target.load(t)
         if golden.shape != target.shape:
             target = target.reshape(golden.shape)
         if not (_is_float(g.dtype) and _is_float(t.dtype)):
+            import torch  # here, not at the top: comparing statistics needs no tensor arithmetic
+
             different = int((golden.to(torch.float64) != target.to(torch.float64)).sum())
             result.metrics = {"mismatches": different}
             result.error = 0.0 if different == 0 else float("inf")
@@ -240,10 +245,10 @@ class _Comparer:
             return
         rtol, atol = self.options.tolerance.allclose_tolerances(dtype)
         shards = (t.shards or g.shards) if g.shape == t.shape else None
-        if golden.numel() <= BATCH_MAX and not result.logits and not self.options.algorithms:
+        if golden.numel() <= self.kernels.BATCH_MAX and not result.logits and not self.options.algorithms:
             deferred.append(_Deferred(result, golden, target, rtol, atol, dtype, shards))
             return
-        self._judge_tensors(result, golden, target, dtype, pair_stats(golden, target, rtol, atol), shards)
+        self._judge_tensors(result, golden, target, dtype, self.kernels.pair_stats(golden, target, rtol, atol), shards)
 
     def _judge_tensors(self, result: EntryResult, golden: torch.Tensor, target: torch.Tensor, dtype: str,
                        stats: PairStats, shards: Shards = None) -> None:
@@ -253,9 +258,7 @@ class _Comparer:
         metrics["mismatches"] = stats.mismatches
         metrics["nonfinite_mismatch"] = stats.nonfinite_mismatch
         if result.logits:
-            from llmdiff.compare.kernels import logits_metrics
-
-            metrics.update(logits_metrics(golden, target))
+            metrics.update(self.kernels.logits_metrics(golden, target))
         for name, func in self.options.algorithms.items():
             metrics[name] = _run_algorithm(name, func, golden, target)
         result.metrics = metrics

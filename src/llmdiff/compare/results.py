@@ -89,7 +89,7 @@ class EntryResult:
         record = {name: getattr(self, name) for name in _ENTRY_FIELDS}
         for name in _CLEANED_FIELDS:
             value = record[name]
-            if value is not None and not (type(value) is float and value - value == 0):  # None, finite: as they are
+            if not (type(value) in _KEPT or (type(value) is float and value - value == 0)):  # as in clean
                 record[name] = clean(value)
         return record
 
